@@ -1,0 +1,172 @@
+"""Tandem's settings: one frozen, typed Config built once at start-up.
+
+Values come from the environment, then from a `.env` file in the working
+directory for names the environment does not set. Every value is parsed and
+range-checked here; a bad one raises ConfigError naming the setting and what
+is allowed, and `python server.py` prints that one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import protocol
+
+T = TypeVar("T")
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class ConfigError(ValueError):
+    """A setting has a value Tandem cannot use."""
+
+    def __init__(self, name: str, value: str, allowed: str) -> None:
+        super().__init__(f"invalid setting {name}={value!r}: expected {allowed}")
+        self.name = name
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    host: str = "0.0.0.0"
+    port: int = 3001
+    data_dir: Path = Path("data")
+    max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES
+    session_idle_timeout: float = 1800.0
+    session_ttl: float = 86400.0
+    history_size: int = 100
+    allowed_origins: tuple[str, ...] = ()  # empty: any origin
+    ping_interval: float = 20.0
+    shutdown_grace: float = 10.0
+    log_level: str = "INFO"
+    code_length: int = 8
+    send_queue_frames: int = 256
+    send_queue_bytes: int = 1024 * 1024
+    max_consecutive_errors: int = 20
+    sweep_interval: float = 1.0
+    sqlite_synchronous: str = "FULL"
+
+    @property
+    def read_timeout(self) -> float:
+        """Drop a peer that sent nothing, not even a pong, for this long."""
+        return self.ping_interval * 1.5 + 1.0
+
+
+DEFAULTS = Config()
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines; blank lines and # comments skipped, quotes stripped."""
+    values: dict[str, str] = {}
+    if not path.is_file():
+        return values
+    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export ") :].lstrip()
+        key, sep, value = line.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{path}:{number}", raw, "KEY=VALUE")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key.strip()] = value
+    return values
+
+
+class _Reader:
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+
+    def get(self, name: str, default: T, parse: Callable[[str], T], allowed: str) -> T:
+        raw = self.env.get(name)
+        if raw is None or raw.strip() == "":
+            return default
+        try:
+            return parse(raw.strip())
+        except ValueError:
+            raise ConfigError(name, raw, allowed) from None
+
+    def integer(self, name: str, default: int, low: int, high: int) -> int:
+        def parse(raw: str) -> int:
+            value = int(raw)
+            if not low <= value <= high:
+                raise ValueError(raw)
+            return value
+
+        return self.get(name, default, parse, f"an integer from {low} to {high}")
+
+    def seconds(self, name: str, default: float, low: float, high: float) -> float:
+        def parse(raw: str) -> float:
+            value = float(raw)
+            if not low <= value <= high:  # also refuses nan
+                raise ValueError(raw)
+            return value
+
+        return self.get(name, default, parse, f"seconds from {low:g} to {high:g}")
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        def parse(raw: str) -> str:
+            if raw.upper() not in choices:
+                raise ValueError(raw)
+            return raw.upper()
+
+        return self.get(name, default, parse, "one of " + ", ".join(choices))
+
+
+def _origins(raw: str) -> tuple[str, ...]:
+    origins = tuple(o.strip().rstrip("/").lower() for o in raw.split(",") if o.strip())
+    for origin in origins:
+        if origin != "*" and "://" not in origin:
+            raise ValueError(origin)
+    return () if "*" in origins else origins
+
+
+def _host(raw: str) -> str:
+    if any(c.isspace() for c in raw):
+        raise ValueError(raw)
+    return raw
+
+
+def load(env: Mapping[str, str] | None = None, dotenv: Path | None = Path(".env")) -> Config:
+    """Build the Config from `env` (default: os.environ) over a .env file."""
+    merged: dict[str, str] = read_dotenv(dotenv) if dotenv is not None else {}
+    merged.update(os.environ if env is None else env)
+    r = _Reader(merged)
+    day = 86400.0 * 365
+    config = Config(
+        host=r.get("HOST", DEFAULTS.host, _host, "a host name or IP address"),
+        port=r.integer("PORT", DEFAULTS.port, 0, 65535),
+        data_dir=r.get("DATA_DIR", DEFAULTS.data_dir, Path, "a directory path"),
+        max_message_bytes=r.integer("MAX_MESSAGE_BYTES", DEFAULTS.max_message_bytes, 256, 16 * 2**20),
+        session_idle_timeout=r.seconds("SESSION_IDLE_TIMEOUT", DEFAULTS.session_idle_timeout, 1, day),
+        session_ttl=r.seconds("SESSION_TTL", DEFAULTS.session_ttl, 1, day),
+        history_size=r.integer("HISTORY_SIZE", DEFAULTS.history_size, 1, 100_000),
+        allowed_origins=r.get(
+            "ALLOWED_ORIGINS",
+            DEFAULTS.allowed_origins,
+            _origins,
+            "* or a comma-separated list of origins such as https://app.example.com",
+        ),
+        ping_interval=r.seconds("PING_INTERVAL", DEFAULTS.ping_interval, 0.1, 3600),
+        shutdown_grace=r.seconds("SHUTDOWN_GRACE", DEFAULTS.shutdown_grace, 0.5, 600),
+        log_level=r.choice("LOG_LEVEL", DEFAULTS.log_level, LOG_LEVELS),
+        code_length=r.integer("CODE_LENGTH", DEFAULTS.code_length, protocol.MIN_CODE_CHARS, protocol.MAX_CODE_CHARS),
+        send_queue_frames=r.integer("SEND_QUEUE_FRAMES", DEFAULTS.send_queue_frames, 8, 100_000),
+        send_queue_bytes=r.integer("SEND_QUEUE_BYTES", DEFAULTS.send_queue_bytes, 65536, 2**30),
+        max_consecutive_errors=r.integer("MAX_CONSECUTIVE_ERRORS", DEFAULTS.max_consecutive_errors, 1, 10_000),
+        sweep_interval=r.seconds("SWEEP_INTERVAL", DEFAULTS.sweep_interval, 0.05, 3600),
+        sqlite_synchronous=r.choice("SQLITE_SYNCHRONOUS", DEFAULTS.sqlite_synchronous, ("NORMAL", "FULL")),
+    )
+    if config.send_queue_bytes < config.max_message_bytes * 2:
+        raise ConfigError(
+            "SEND_QUEUE_BYTES",
+            str(config.send_queue_bytes),
+            f"at least twice MAX_MESSAGE_BYTES ({config.max_message_bytes * 2})",
+        )
+    return config

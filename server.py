@@ -1,0 +1,517 @@
+"""Tandem: the app, its routes, connection handling, start-up and drain.
+
+`python server.py` builds the Config, opens the store in one lifespan
+(`run`), and serves the Starlette app with Hypercorn on Trio. Each WebSocket
+is one `Connection`: a reader task handles requests one at a time, a single
+writer drains a bounded queue; the `Hub` routes store events to connections.
+SIGTERM/SIGINT start the drain: refuse new sockets, close all with 1012.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import logging
+import math
+import secrets
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+
+import hypercorn.config
+import hypercorn.trio
+import trio
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+import config as config_module
+import logging_setup
+import protocol
+from config import Config
+from protocol import CloseCode, ErrorCode
+from session_store import Broadcast, Ended, Event, SessionStore, SqliteStore, StoredMessage, Takeover
+
+log = logging.getLogger("tandem")
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def new_code(length: int) -> str:
+    return "".join(secrets.choice(protocol.CODE_ALPHABET) for _ in range(length))
+
+
+def token_hash(token: str) -> bytes:
+    # Tokens carry 256 random bits, so a fast hash is as safe as a slow one.
+    return hashlib.sha256(token.encode()).digest()
+
+
+# --- routing store events to connections -------------------------------------
+
+
+class Hub:
+    """This process's open connections, and the members among them by session."""
+
+    def __init__(self) -> None:
+        self.connections: dict[str, Connection] = {}
+        self.sessions: dict[str, list[Connection]] = {}
+        self.all_closed = trio.Event()
+        self.all_closed.set()
+
+    def add(self, conn: Connection) -> None:
+        self.connections[conn.id] = conn
+        self.all_closed = trio.Event()
+
+    def remove(self, conn: Connection) -> None:
+        self.detach(conn)
+        self.connections.pop(conn.id, None)
+        if not self.connections:
+            self.all_closed.set()
+
+    def attach(self, conn: Connection, code: str, client_id: str) -> None:
+        conn.code, conn.client_id = code, client_id
+        self.sessions.setdefault(code, []).append(conn)
+
+    def detach(self, conn: Connection) -> None:
+        if conn.code is None:
+            return
+        members = self.sessions.get(conn.code)
+        if members is not None and conn in members:
+            members.remove(conn)
+            if not members:
+                del self.sessions[conn.code]
+        conn.code = conn.client_id = None
+
+    def dispatch(self, event: Event) -> None:
+        """Deliver one store event; called in commit order, never blocks."""
+        match event:
+            case Broadcast(code, frame, exclude):
+                members = self.sessions.get(code)
+                if not members:
+                    return
+                text = protocol.serialize(frame)
+                seq = frame.seq if isinstance(frame, protocol.Message) else 0
+                for conn in tuple(members):
+                    if conn.client_id != exclude:
+                        conn.deliver(text, seq)
+            case Takeover(code, client_id, conn_id):
+                previous = self.connections.get(conn_id)
+                if previous is not None and previous.code == code and previous.client_id == client_id:
+                    self.detach(previous)
+                    previous.close(CloseCode.NORMAL)
+            case Ended(code, expired):
+                notice = protocol.serialize(expired) if expired is not None else None
+                for conn in self.sessions.pop(code, []):
+                    conn.end_session(notice)
+
+    def close_all(self, code: CloseCode) -> None:
+        for conn in tuple(self.connections.values()):
+            conn.close(code)
+
+
+# --- one WebSocket --------------------------------------------------------------
+
+
+class Connection:
+    """A client socket: this task reads and handles, one writer task sends.
+
+    Frames for the client go through `deliver`/`push` into a bounded queue; a
+    client that lets it fill (in frames or bytes) is closed with 1013.
+    While a join or resume is in flight the connection is `pending`: events
+    wait in `held` so that the direct reply goes out first.
+    """
+
+    def __init__(self, ws: WebSocket, tandem: Tandem) -> None:
+        self.ws = ws
+        self.tandem = tandem
+        self.config = tandem.config
+        self.store = tandem.store
+        self.id = secrets.token_urlsafe(9)
+        self.code: str | None = None
+        self.client_id: str | None = None
+        self.delivered_seq = 0  # newest message seq queued to this client
+        self.held: list[tuple[str, int, bool]] | None = None  # (text, seq, ends session)
+        self.close_code: CloseCode | None = None
+        self.peer_gone = False
+        self.messages_in = 0
+        self.messages_out = 0
+        self._queued_bytes = 0
+        self._send, self._receive = trio.open_memory_channel[str](self.config.send_queue_frames)
+        self._read_scope = trio.CancelScope()
+        self._write_scope = trio.CancelScope()
+
+    # -- called from anywhere; none of these blocks --
+
+    def push(self, text: str) -> None:
+        """Queue one frame for the client, or close it if it can't keep up."""
+        if self.close_code is not None:
+            return
+        self._queued_bytes += len(text)
+        try:
+            if self._queued_bytes > self.config.send_queue_bytes:
+                raise trio.WouldBlock
+            self._send.send_nowait(text)
+        except trio.WouldBlock:
+            self.close(CloseCode.TRY_AGAIN_LATER)
+
+    def deliver(self, text: str, seq: int) -> None:
+        if seq and seq <= self.delivered_seq:
+            return  # already sent: history replay and live events overlap
+        if self.held is not None:
+            if len(self.held) >= self.config.send_queue_frames:
+                self.close(CloseCode.TRY_AGAIN_LATER)
+            self.held.append((text, seq, False))
+            return
+        if seq:
+            self.delivered_seq = seq
+        self.push(text)
+
+    def end_session(self, text: str | None) -> None:
+        if self.held is not None and text is not None:
+            self.held.append((text, 0, True))
+            return
+        if text is not None:
+            self.push(text)
+        self.code = self.client_id = None
+
+    def close(self, code: CloseCode) -> None:
+        """Ask this connection to close with `code` once its current request is done."""
+        if self.close_code is not None:
+            return
+        self.close_code = code
+        self._read_scope.cancel()
+        if code == CloseCode.TRY_AGAIN_LATER:
+            self._write_scope.cancel()  # too slow: drop what is queued
+
+    # -- the connection's own tasks --
+
+    async def run(self) -> None:
+        hub = self.tandem.hub
+        hub.add(self)
+        opened = time.monotonic()
+        log.info("connection.open", extra={"fields": {"conn": self.id}})
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer)
+                try:
+                    await self._reader()
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await self._leave_hub()
+                    self._send.close()
+        finally:
+            hub.remove(self)
+            log.info(
+                "connection.close",
+                extra={
+                    "fields": {
+                        "conn": self.id,
+                        "code": int(self.close_code or 1006),
+                        "duration_s": round(time.monotonic() - opened, 3),
+                        "messages_in": self.messages_in,
+                        "messages_out": self.messages_out,
+                    }
+                },
+            )
+
+    async def _leave_hub(self) -> None:
+        code, client_id = self.code, self.client_id
+        self.tandem.hub.detach(self)
+        if code is not None and client_id is not None:
+            # If the store is down the member stays online until it expires.
+            with contextlib.suppress(protocol.TandemError):
+                await self.store.disconnect(code, client_id, self.id, now_ms())
+
+    async def _reader(self) -> None:
+        max_bytes = self.config.max_message_bytes
+        errors_in_row = 0
+        with self._read_scope:
+            while self.close_code is None:
+                message = await self.ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    self.peer_gone = True
+                    return
+                text = message.get("text")
+                request: protocol.Request | None = None
+                try:
+                    if text is None:
+                        protocol.reject_binary()
+                    request = protocol.parse_request(text, max_bytes)
+                    with trio.CancelScope(shield=True):  # a request runs to its reply
+                        await self._handle(request)
+                    errors_in_row = 0
+                except protocol.FrameRejected as exc:
+                    self.close(exc.close_code)
+                except protocol.TandemError as exc:
+                    self.push(protocol.serialize(protocol.error_frame(exc, request.id if request else None)))
+                    if isinstance(exc, protocol.ClientError):
+                        errors_in_row += 1
+                        if errors_in_row >= self.config.max_consecutive_errors:
+                            self.close(CloseCode.POLICY_VIOLATION)
+
+    async def _writer(self) -> None:
+        with self._write_scope:
+            async for text in self._receive:
+                await self.ws.send({"type": "websocket.send", "text": text})
+                self._queued_bytes -= len(text)
+                self.messages_out += 1
+        if not self.peer_gone:
+            # A peer that reads nothing can hold this send; Hypercorn's
+            # read_timeout ends the socket then, and with it this wait.
+            with trio.move_on_after(self.config.shutdown_grace):
+                await self.ws.send({"type": "websocket.close", "code": int(self.close_code or CloseCode.NORMAL)})
+
+    # -- requests --
+
+    async def _handle(self, request: protocol.Request) -> None:
+        match request:
+            case protocol.SendMessage():
+                await self._send_message(request)
+            case protocol.Ping():
+                self.push(protocol.serialize(protocol.Pong(request.id, now_ms())))
+            case protocol.CreateSession():
+                await self._create(request)
+            case protocol.JoinSession():
+                await self._join(request)
+            case protocol.ResumeSession():
+                await self._resume(request)
+            case protocol.LeaveSession():
+                await self._leave(request)
+
+    def _require_no_session(self) -> None:
+        if self.code is not None:
+            raise protocol.ClientError("this connection is already in a session", ErrorCode.ALREADY_IN_SESSION)
+
+    def _membership(self) -> tuple[str, str]:
+        if self.code is None or self.client_id is None:
+            raise protocol.ClientError("this connection is not in a session", ErrorCode.NOT_IN_SESSION)
+        return self.code, self.client_id
+
+    async def _send_message(self, request: protocol.SendMessage) -> None:
+        code, client_id = self._membership()
+        seq = await self.store.append(code, client_id, self.id, request.data, now_ms())
+        self.messages_in += 1
+        self.push(protocol.serialize(protocol.MessageAck(request.id, seq)))
+
+    async def _create(self, request: protocol.CreateSession) -> None:
+        self._require_no_session()
+        client_id, token = secrets.token_urlsafe(9), secrets.token_urlsafe(32)
+        length = self.config.code_length
+        created = await self.store.create(partial(new_code, length), client_id, token_hash(token), self.id, now_ms())
+        self.tandem.hub.attach(self, created.code, client_id)
+        self.push(
+            protocol.serialize(protocol.SessionCreated(request.id, created.code, client_id, token, created.expires_at))
+        )
+        log.info("session.created", extra={"fields": {"conn": self.id, "session": created.code}})
+
+    async def _join(self, request: protocol.JoinSession) -> None:
+        self._require_no_session()
+        client_id, token = secrets.token_urlsafe(9), secrets.token_urlsafe(32)
+        self._hold(request.code, client_id)
+        try:
+            joined = await self.store.join(request.code, client_id, token_hash(token), self.id, now_ms())
+        except BaseException:
+            self.held = None
+            self.tandem.hub.detach(self)
+            raise
+        reply = protocol.SessionJoined(request.id, request.code, client_id, token, joined.clients, joined.last_seq)
+        self._release(reply, joined.backlog, joined.last_seq)
+        if len(joined.clients) == 2:
+            log.info("session.paired", extra={"fields": {"conn": self.id, "session": request.code}})
+
+    async def _resume(self, request: protocol.ResumeSession) -> None:
+        self._require_no_session()
+        self._hold(request.code, request.client_id)
+        try:
+            resumed = await self.store.resume(
+                request.code, request.client_id, token_hash(request.token), self.id, request.last_seq, now_ms()
+            )
+        except BaseException:
+            self.held = None
+            self.tandem.hub.detach(self)
+            raise
+        reply = protocol.SessionResumed(
+            request.id, request.code, request.client_id, resumed.clients, resumed.last_seq, resumed.recovered
+        )
+        self._release(reply, resumed.replay, resumed.last_seq)
+
+    def _hold(self, code: str, client_id: str) -> None:
+        """Become a member before the store says so, holding its events back."""
+        self.held = []
+        self.tandem.hub.attach(self, code, client_id)
+
+    def _release(self, reply: protocol.ServerFrame, history: tuple[StoredMessage, ...], last_seq: int) -> None:
+        """Send the reply, then the stored messages, then the events held meanwhile."""
+        held, self.held = self.held or [], None
+        self.push(protocol.serialize(reply))
+        code = self.code or ""
+        for stored in history:
+            self.push(protocol.serialize(protocol.Message(code, stored.seq, stored.sender, stored.data, stored.ts)))
+        self.delivered_seq = max(self.delivered_seq, last_seq)
+        for text, seq, ends in held:
+            if ends:
+                self.end_session(text)
+            else:
+                self.deliver(text, seq)
+
+    async def _leave(self, request: protocol.LeaveSession) -> None:
+        code, client_id = self._membership()
+        await self.store.leave(code, client_id, self.id, now_ms())
+        self.tandem.hub.detach(self)
+        self.push(protocol.serialize(protocol.SessionLeft(request.id, code)))
+
+
+# --- the application ------------------------------------------------------------
+
+
+class Tandem:
+    """What the app needs at run time, built once by `run`."""
+
+    def __init__(self, config: Config, hub: Hub, store: SessionStore) -> None:
+        self.config = config
+        self.hub = hub
+        self.store = store
+        self.draining = False
+
+
+def _error_response(status: int, code: ErrorCode, message: str, headers: dict[str, str] | None = None) -> Response:
+    return JSONResponse({"error": {"code": str(code), "message": message}}, status, headers=headers)
+
+
+def create_app(tandem: Tandem) -> Starlette:
+    allowed = frozenset(tandem.config.allowed_origins)
+
+    async def websocket_endpoint(ws: WebSocket) -> None:
+        if tandem.draining:
+            await ws.send_denial_response(
+                _error_response(503, ErrorCode.UNAVAILABLE, "server is restarting", {"Retry-After": "1"})
+            )
+            return
+        origin = ws.headers.get("origin")
+        if allowed and (origin is None or origin.rstrip("/").lower() not in allowed):
+            await ws.send_denial_response(_error_response(403, ErrorCode.UNAUTHORIZED, "origin not allowed"))
+            return
+        offered = ws.scope.get("subprotocols") or []
+        await ws.accept(protocol.SUBPROTOCOL if protocol.SUBPROTOCOL in offered else None)
+        await Connection(ws, tandem).run()
+
+    async def live(request: Request) -> Response:
+        return JSONResponse({"status": "pass"})
+
+    async def ready(request: Request) -> Response:
+        if tandem.draining:
+            return JSONResponse({"status": "fail", "output": "draining"}, 503)
+        return JSONResponse({"status": "pass"})
+
+    return Starlette(
+        routes=[
+            WebSocketRoute("/ws", websocket_endpoint),
+            Route("/health/live", live),
+            Route("/health/ready", ready),
+        ]
+    )
+
+
+def hypercorn_config(config: Config) -> hypercorn.config.Config:
+    hc = hypercorn.config.Config()
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    hc.bind = [f"{host}:{config.port}"]
+    hc.websocket_ping_interval = config.ping_interval
+    hc.read_timeout = config.read_timeout  # type: ignore[assignment]  # Hypercorn takes seconds
+    # Hypercorn counts text frames in characters; a frame of more characters
+    # than MAX_MESSAGE_BYTES has more bytes too, so this only catches frames
+    # that are over the limit anyway. Tandem checks the exact byte count.
+    hc.websocket_max_message_size = config.max_message_bytes
+    hc.graceful_timeout = max(0.5, config.shutdown_grace * 0.1)
+    hc.accesslog = None
+    hc.errorlog = logging.getLogger("hypercorn.error")  # through the JSON formatter
+    return hc
+
+
+async def _sweeper(tandem: Tandem) -> None:
+    while True:
+        await trio.sleep(tandem.config.sweep_interval)
+        try:
+            expired = await tandem.store.sweep(now_ms())
+        except protocol.TandemError as exc:
+            log.warning("sweep.failed", extra={"fields": {"error": exc.message}})
+            continue
+        if expired:
+            log.info("sessions.expired", extra={"fields": {"count": expired}})
+
+
+async def _drain_on_signal(tandem: Tandem) -> None:
+    """Hypercorn's shutdown trigger: returns once the drain is done."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("shutdown.start", extra={"fields": {"signal": signal.Signals(signum).name}})
+            break
+    tandem.draining = True
+    tandem.hub.close_all(CloseCode.SERVICE_RESTART)
+    with trio.move_on_after(tandem.config.shutdown_grace * 0.8) as scope:
+        await tandem.hub.all_closed.wait()
+    log.info(
+        "shutdown.drained", extra={"fields": {"open": len(tandem.hub.connections), "timed_out": scope.cancelled_caught}}
+    )
+
+
+@asynccontextmanager
+async def lifespan(config: Config) -> AsyncIterator[Tandem]:
+    """Open the store and the background tasks; close them in reverse order."""
+    hub = Hub()
+    async with SqliteStore.open(
+        config.data_dir,
+        hub.dispatch,
+        history_size=config.history_size,
+        idle_ms=math.ceil(config.session_idle_timeout * 1000),
+        ttl_ms=math.ceil(config.session_ttl * 1000),
+        synchronous=config.sqlite_synchronous,
+    ) as store:
+        tandem = Tandem(config, hub, store)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_sweeper, tandem)
+            yield tandem
+            nursery.cancel_scope.cancel()
+
+
+async def run(config: Config) -> None:
+    async with lifespan(config) as tandem:
+        app = create_app(tandem)
+        async with trio.open_nursery() as nursery:
+            trigger = partial(_drain_on_signal, tandem)
+            serve = partial(hypercorn.trio.serve, app, hypercorn_config(config), shutdown_trigger=trigger)  # type: ignore[arg-type]
+            binds = await nursery.start(serve)
+            # Start-up garbage is permanent: move it out of the collector's
+            # sight, and collect young objects less often (p99 latency).
+            gc.collect()
+            gc.freeze()
+            log.info("server.listening", extra={"fields": {"addresses": binds, "data_dir": str(config.data_dir)}})
+    log.info("shutdown.complete")
+
+
+def main() -> int:
+    try:
+        config = config_module.load()
+    except config_module.ConfigError as exc:
+        print(f"tandem: {exc}", file=sys.stderr)
+        return 2
+    logging_setup.setup(config.log_level)
+    gc.set_threshold(50_000, 20, 20)
+    try:
+        trio.run(run, config)
+    except (OSError, RuntimeError) as exc:
+        log.critical("server.failed", extra={"fields": {"error": str(exc)}})
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
