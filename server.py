@@ -32,6 +32,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 import config as config_module
+import hypercorn_fixes
 import logging_setup
 import protocol
 from config import Config
@@ -504,6 +505,7 @@ def main() -> int:
         print(f"tandem: {exc}", file=sys.stderr)
         return 2
     logging_setup.setup(config.log_level)
+    hypercorn_fixes.install()
     gc.set_threshold(50_000, 20, 20)
     try:
         trio.run(run, config)
