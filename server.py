@@ -21,13 +21,14 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 
 import hypercorn.config
 import hypercorn.trio
 import trio
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
@@ -40,6 +41,7 @@ from protocol import CloseCode, ErrorCode
 from session_store import Broadcast, Ended, Event, SessionStore, SqliteStore, StoredMessage, Takeover
 
 log = logging.getLogger("tandem")
+STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 
 def now_ms() -> int:
@@ -189,8 +191,12 @@ class Connection:
             return
         self.close_code = code
         self._read_scope.cancel()
-        if code == CloseCode.TRY_AGAIN_LATER:
-            self._write_scope.cancel()  # too slow: drop what is queued
+        if code == CloseCode.TRY_AGAIN_LATER:  # too slow: drop what is queued
+            self._write_scope.cancel()
+            with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel):
+                while True:
+                    self._receive.receive_nowait()
+            self._queued_bytes = 0
 
     # -- the connection's own tasks --
 
@@ -412,9 +418,13 @@ def create_app(tandem: Tandem) -> Starlette:
             return JSONResponse({"status": "fail", "output": "draining"}, 503)
         return JSONResponse({"status": "pass"})
 
+    async def index(request: Request) -> Response:
+        return FileResponse(STATIC_DIR / "index.html")
+
     return Starlette(
         routes=[
             WebSocketRoute("/ws", websocket_endpoint),
+            Route("/", index),
             Route("/health/live", live),
             Route("/health/ready", ready),
         ]
