@@ -371,9 +371,11 @@ class Connection:
 
     async def _leave(self, request: protocol.LeaveSession) -> None:
         code, client_id = self._membership()
-        await self.store.leave(code, client_id, self.id, now_ms())
+        ended = await self.store.leave(code, client_id, self.id, now_ms())
         self.tandem.hub.detach(self)
         self.push(protocol.serialize(protocol.SessionLeft(request.id, code)))
+        if ended:
+            log.info("session.ended", extra={"fields": {"conn": self.id, "session": code, "reason": "left"}})
 
 
 # --- the application ------------------------------------------------------------
@@ -455,8 +457,8 @@ async def _sweeper(tandem: Tandem) -> None:
         except protocol.TandemError as exc:
             log.warning("sweep.failed", extra={"fields": {"error": exc.message}})
             continue
-        if expired:
-            log.info("sessions.expired", extra={"fields": {"count": expired}})
+        for code, reason in expired:
+            log.info("session.expired", extra={"fields": {"session": code, "reason": reason}})
 
 
 async def _drain_on_signal(tandem: Tandem) -> None:

@@ -128,15 +128,16 @@ class SessionStore(ABC):
         """Store a message durably and return its seq."""
 
     @abstractmethod
-    async def leave(self, code: str, client_id: str, conn_id: str, now: int) -> None: ...
+    async def leave(self, code: str, client_id: str, conn_id: str, now: int) -> bool:
+        """Remove the member; return True when that ended the session."""
 
     @abstractmethod
     async def disconnect(self, code: str, client_id: str, conn_id: str, now: int) -> None:
         """The member's connection `conn_id` dropped: mark it offline if still current."""
 
     @abstractmethod
-    async def sweep(self, now: int) -> int:
-        """End expired sessions; return how many."""
+    async def sweep(self, now: int) -> list[tuple[str, str]]:
+        """End expired sessions; return (code, reason) for each, reason "idle" or "ttl"."""
 
     @abstractmethod
     async def check(self) -> None:
@@ -423,8 +424,8 @@ class SqliteStore(SessionStore):
 
         return await self._call(run)
 
-    async def leave(self, code: str, client_id: str, conn_id: str, now: int) -> None:
-        def run(db: sqlite3.Connection, events: list[Event]) -> None:
+    async def leave(self, code: str, client_id: str, conn_id: str, now: int) -> bool:
+        def run(db: sqlite3.Connection, events: list[Event]) -> bool:
             cursor = db.execute(
                 "DELETE FROM members WHERE code = ? AND client_id = ? AND conn_id = ?",
                 (code, client_id, conn_id),
@@ -435,10 +436,11 @@ class SqliteStore(SessionStore):
             if left == 0:
                 db.execute("DELETE FROM sessions WHERE code = ?", (code,))
                 events.append(Ended(code, None))
-            else:
-                events.append(Broadcast(code, protocol.PeerLeft(client_id), exclude=client_id))
+                return True
+            events.append(Broadcast(code, protocol.PeerLeft(client_id), exclude=client_id))
+            return False
 
-        await self._call(run)
+        return await self._call(run)
 
     async def disconnect(self, code: str, client_id: str, conn_id: str, now: int) -> None:
         def run(db: sqlite3.Connection, events: list[Event]) -> None:
@@ -451,17 +453,19 @@ class SqliteStore(SessionStore):
 
         await self._call(run)
 
-    async def sweep(self, now: int) -> int:
-        def run(db: sqlite3.Connection, events: list[Event]) -> int:
+    async def sweep(self, now: int) -> list[tuple[str, str]]:
+        def run(db: sqlite3.Connection, events: list[Event]) -> list[tuple[str, str]]:
             rows = db.execute(
                 "SELECT code, idle_at, ttl_at FROM sessions WHERE min(idle_at, ttl_at) <= ? LIMIT ?",
                 (now, SWEEP_LIMIT),
             ).fetchall()
+            expired = []
             for code, idle_at, ttl_at in rows:
                 db.execute("DELETE FROM sessions WHERE code = ?", (code,))
                 reason = "ttl" if ttl_at <= idle_at else "idle"
                 events.append(Ended(code, protocol.SessionExpired(code, reason)))
-            return len(rows)
+                expired.append((code, reason))
+            return expired
 
         return await self._call(run)
 
