@@ -204,7 +204,9 @@ def _parse_id(obj: dict[str, object]) -> RequestId:
 
 def normalise_code(value: object) -> str:
     """A session code from the wire, upper-cased; _FieldError if malformed."""
-    if not isinstance(value, str) or not MIN_CODE_CHARS <= len(value) <= MAX_CODE_CHARS:
+    # isascii first: upper() maps some letters outside ASCII into the alphabet
+    # ("ß" -> "SS"), and a code is only ever a case of CODE_ALPHABET.
+    if not isinstance(value, str) or not value.isascii() or not MIN_CODE_CHARS <= len(value) <= MAX_CODE_CHARS:
         raise _FieldError(f"`code` must be a string of {MIN_CODE_CHARS} to {MAX_CODE_CHARS} characters")
     code = value.upper()
     if not _CODE_CHARS.issuperset(code):
@@ -247,7 +249,10 @@ def _resume(obj: dict[str, object], request_id: RequestId) -> Request:
 def _send(obj: dict[str, object], request_id: RequestId) -> Request:
     if "data" not in obj:
         raise _FieldError("`data` is required")
-    return SendMessage(request_id, orjson.dumps(obj["data"]))
+    try:
+        return SendMessage(request_id, orjson.dumps(obj["data"]))
+    except orjson.JSONEncodeError:  # orjson writes at most 254 levels of nesting
+        raise _FieldError("`data` is nested too deeply") from None
 
 
 def _leave(obj: dict[str, object], request_id: RequestId) -> Request:

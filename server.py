@@ -96,12 +96,10 @@ class Hub:
     def dispatch(self, event: Event) -> None:
         """Deliver one store event; called in commit order, never blocks."""
         match event:
-            case Broadcast(code, frame, exclude):
+            case Broadcast(code, text, exclude, seq):
                 members = self.sessions.get(code)
                 if not members:
                     return
-                text = protocol.serialize(frame)
-                seq = frame.seq if isinstance(frame, protocol.Message) else 0
                 for conn in tuple(members):
                     if conn.client_id != exclude:
                         conn.deliver(text, seq)
@@ -110,8 +108,7 @@ class Hub:
                 if previous is not None and previous.code == code and previous.client_id == client_id:
                     self.detach(previous)
                     previous.close(CloseCode.NORMAL)
-            case Ended(code, expired):
-                notice = protocol.serialize(expired) if expired is not None else None
+            case Ended(code, notice):
                 for conn in self.sessions.pop(code, []):
                     conn.end_session(notice)
 
@@ -154,8 +151,13 @@ class Connection:
     # -- called from anywhere; none of these blocks --
 
     def push(self, text: str) -> None:
-        """Queue one frame for the client, or close it if it can't keep up."""
-        if self.close_code is not None:
+        """Queue one frame for the client, or close it if it can't keep up.
+
+        A connection asked to close still queues (the reply to the request in
+        hand, events until its reader stops); the writer sends all of it before
+        the close frame, except after 1013, when the queue is dropped.
+        """
+        if self.close_code == CloseCode.TRY_AGAIN_LATER:
             return
         self._queued_bytes += len(text)
         try:
@@ -164,6 +166,8 @@ class Connection:
             self._send.send_nowait(text)
         except trio.WouldBlock:
             self.close(CloseCode.TRY_AGAIN_LATER)
+        except trio.ClosedResourceError:
+            pass  # the reader is done: nothing more goes out
 
     def deliver(self, text: str, seq: int) -> None:
         if seq and seq <= self.delivered_seq:

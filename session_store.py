@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 import trio
 
@@ -75,11 +75,15 @@ class Resumed:
 
 @dataclass(frozen=True, slots=True)
 class Broadcast:
-    """Send `frame` to the members of `code` connected here, except `exclude`."""
+    """Send the frame `text` to the members of `code` connected here, except `exclude`.
+
+    `seq` is the message's seq for a `message` frame, else 0.
+    """
 
     code: str
-    frame: protocol.ServerFrame
+    text: str
     exclude: str | None = None
+    seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,10 +97,10 @@ class Takeover:
 
 @dataclass(frozen=True, slots=True)
 class Ended:
-    """The session is gone: send `frame` (if any) and release its connections."""
+    """The session is gone: send the frame `text` (if any) and release its connections."""
 
     code: str
-    frame: protocol.SessionExpired | None
+    text: str | None
 
 
 Event = Broadcast | Takeover | Ended
@@ -176,17 +180,70 @@ CREATE TABLE IF NOT EXISTS messages (
 """
 
 
-class _Op(Generic[T]):
-    """One operation waiting for the writer, and then its outcome."""
+class Op:
+    """One queued store operation, and then its outcome."""
 
-    __slots__ = ("done", "error", "events", "result", "run")
+    __slots__ = ("done", "error", "events", "payload", "result")
 
-    def __init__(self, run: Callable[[sqlite3.Connection, list[Event]], T]) -> None:
-        self.run = run
-        self.result: T | None = None
+    def __init__(self, payload: Any) -> None:
+        self.payload = payload
+        self.result: Any = None
         self.error: BaseException | None = None
         self.events: list[Event] = []
         self.done = trio.Event()
+
+
+class GroupCommit:
+    """Runs queued operations in batches on one writer task (group commit).
+
+    `execute(batch)` runs in a worker thread and sets each op's result or
+    error; then each op's events are dispatched in order and its caller wakes.
+    Operations queue in a bounded channel: a full queue makes callers wait.
+    """
+
+    def __init__(self, execute: Callable[[list[Op]], None], dispatch: Dispatch, *, abandon_on_cancel: bool) -> None:
+        self._execute = execute
+        self._dispatch = dispatch
+        self._abandon = abandon_on_cancel
+        self._send, self._receive = trio.open_memory_channel[Op](OP_QUEUE_SIZE)
+        self.batches = 0  # ops / batches is the mean batch size
+        self.ops = 0
+
+    async def run(self) -> None:
+        """The writer task: returns once `close()` was called and the queue is empty."""
+        async with self._receive:
+            async for first in self._receive:
+                batch = [first]
+                while len(batch) < MAX_BATCH:
+                    try:
+                        batch.append(self._receive.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                try:
+                    await trio.to_thread.run_sync(self._execute, batch, abandon_on_cancel=self._abandon)
+                finally:
+                    self.batches += 1
+                    self.ops += len(batch)
+                    for op in batch:
+                        for event in op.events:
+                            self._dispatch(event)
+                        op.done.set()
+
+    def close(self) -> None:
+        self._send.close()
+
+    async def call(self, payload: Any) -> Any:
+        op = Op(payload)
+        try:
+            await self._send.send(op)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise ServerError("the server is shutting down", ErrorCode.UNAVAILABLE, retry_after=1.0) from None
+        await op.done.wait()
+        if op.error is not None:
+            if isinstance(op.error, protocol.TandemError):
+                raise op.error
+            raise ServerError("session store error", ErrorCode.INTERNAL) from op.error
+        return op.result
 
 
 class SqliteStore(SessionStore):
@@ -202,13 +259,12 @@ class SqliteStore(SessionStore):
         ttl_ms: int,
     ) -> None:
         self._db = db
-        self._dispatch = dispatch
         self._history = history_size
         self._idle_ms = idle_ms
         self._ttl_ms = ttl_ms
-        self._send, self._receive = trio.open_memory_channel[_Op[Any]](OP_QUEUE_SIZE)
-        self.commits = 0  # transactions committed; ops / commits is the batch size
-        self.ops = 0
+        # Not abandoned on cancel: a commit in flight finishes, so that an op
+        # reported done is durable and an acked message is stored.
+        self.writer = GroupCommit(self._execute, dispatch, abandon_on_cancel=False)
 
     @classmethod
     @asynccontextmanager
@@ -232,34 +288,15 @@ class SqliteStore(SessionStore):
             try:
                 store = cls(db, dispatch, history_size=history_size, idle_ms=idle_ms, ttl_ms=ttl_ms)
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(store._writer)
+                    nursery.start_soon(store.writer.run)
                     try:
                         yield store
                     finally:
-                        store._send.close()  # the writer finishes what is queued, then returns
+                        store.writer.close()  # the writer finishes what is queued, then returns
             finally:
                 await trio.to_thread.run_sync(db.close)
 
-    async def _writer(self) -> None:
-        async with self._receive:
-            async for first in self._receive:
-                batch = [first]
-                while len(batch) < MAX_BATCH:
-                    try:
-                        batch.append(self._receive.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                # Not abandoned on cancel: a commit in flight finishes, so that
-                # an op reported done is durable and an acked message is stored.
-                await trio.to_thread.run_sync(self._execute, batch)
-                self.commits += 1
-                self.ops += len(batch)
-                for op in batch:
-                    for event in op.events:
-                        self._dispatch(event)
-                    op.done.set()
-
-    def _execute(self, batch: list[_Op[Any]]) -> None:
+    def _execute(self, batch: list[Op]) -> None:
         """In the worker thread: run every op of the batch in one transaction."""
         db = self._db
         try:
@@ -267,7 +304,7 @@ class SqliteStore(SessionStore):
             for op in batch:
                 db.execute("SAVEPOINT op")
                 try:
-                    op.result = op.run(db, op.events)
+                    op.result = op.payload(db, op.events)
                 except Exception as exc:  # the op fails alone; the batch goes on
                     db.execute("ROLLBACK TO op")
                     op.events.clear()
@@ -282,17 +319,8 @@ class SqliteStore(SessionStore):
                 op.error = ServerError(f"session store failed: {exc}", ErrorCode.UNAVAILABLE, retry_after=1.0)
 
     async def _call(self, run: Callable[[sqlite3.Connection, list[Event]], T]) -> T:
-        op = _Op(run)
-        try:
-            await self._send.send(op)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            raise ServerError("the server is shutting down", ErrorCode.UNAVAILABLE, retry_after=1.0) from None
-        await op.done.wait()
-        if op.error is not None:
-            if isinstance(op.error, protocol.TandemError):
-                raise op.error
-            raise ServerError("session store error", ErrorCode.INTERNAL) from op.error
-        return op.result  # type: ignore[return-value]
+        result: T = await self.writer.call(run)
+        return result
 
     # -- operations (each runs in the writer thread, inside the batch) --
 
@@ -365,7 +393,7 @@ class SqliteStore(SessionStore):
             self._touch(db, code, now)
             clients = (*members, Member(client_id, True))
             if len(clients) == MAX_MEMBERS:
-                events.append(Broadcast(code, protocol.SessionPaired(code, clients)))
+                events.append(Broadcast(code, protocol.serialize(protocol.SessionPaired(code, clients))))
             return Joined(clients, last_seq, self._messages(db, code, 0))
 
         return await self._call(run)
@@ -389,7 +417,7 @@ class SqliteStore(SessionStore):
             self._touch(db, code, now)
             if previous is not None and previous != conn_id:
                 events.append(Takeover(code, client_id, previous))
-            events.append(Broadcast(code, protocol.Presence(client_id, True), exclude=client_id))
+            events.append(Broadcast(code, protocol.serialize(protocol.Presence(client_id, True)), client_id))
             return Resumed(
                 self._members(db, code),
                 newest,
@@ -419,7 +447,8 @@ class SqliteStore(SessionStore):
             if drop_to > trimmed:
                 db.execute("DELETE FROM messages WHERE code = ? AND seq <= ?", (code, drop_to))
                 db.execute("UPDATE sessions SET trimmed_seq = ? WHERE code = ?", (drop_to, code))
-            events.append(Broadcast(code, protocol.Message(code, seq, client_id, data, now), exclude=client_id))
+            message = protocol.serialize(protocol.Message(code, seq, client_id, data, now))
+            events.append(Broadcast(code, message, client_id, seq))
             return seq  # type: ignore[no-any-return]
 
         return await self._call(run)
@@ -437,7 +466,7 @@ class SqliteStore(SessionStore):
                 db.execute("DELETE FROM sessions WHERE code = ?", (code,))
                 events.append(Ended(code, None))
                 return True
-            events.append(Broadcast(code, protocol.PeerLeft(client_id), exclude=client_id))
+            events.append(Broadcast(code, protocol.serialize(protocol.PeerLeft(client_id)), client_id))
             return False
 
         return await self._call(run)
@@ -449,7 +478,7 @@ class SqliteStore(SessionStore):
                 (code, client_id, conn_id),
             )
             if cursor.rowcount:
-                events.append(Broadcast(code, protocol.Presence(client_id, False), exclude=client_id))
+                events.append(Broadcast(code, protocol.serialize(protocol.Presence(client_id, False)), client_id))
 
         await self._call(run)
 
@@ -463,7 +492,7 @@ class SqliteStore(SessionStore):
             for code, idle_at, ttl_at in rows:
                 db.execute("DELETE FROM sessions WHERE code = ?", (code,))
                 reason = "ttl" if ttl_at <= idle_at else "idle"
-                events.append(Ended(code, protocol.SessionExpired(code, reason)))
+                events.append(Ended(code, protocol.serialize(protocol.SessionExpired(code, reason))))
                 expired.append((code, reason))
             return expired
 

@@ -800,37 +800,53 @@ json_values = st.recursive(
     lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5),
     max_leaves=25,
 )
-type_values = st.sampled_from([*TYPE_NAMES, "", "PING", "session:", "pong"]) | st.text(max_size=20) | json_scalars
-id_values = (
+
+
+def mostly(valid: st.SearchStrategy[Any], junk: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """Three valid values in four, else anything: enough valid frames to reach every parser."""
+    return st.sampled_from([True, True, True, False]).flatmap(lambda ok: valid if ok else junk)
+
+
+valid_ids = st.text(min_size=1, max_size=MAX_ID_CHARS) | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+id_values = mostly(
+    valid_ids,
     st.text(max_size=70)
-    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
     | st.booleans()
     | st.none()
     | st.floats(allow_nan=False, allow_infinity=False)
-    | st.lists(st.integers(min_value=-(2**63), max_value=2**64 - 1), max_size=2)
+    | st.lists(st.integers(min_value=-(2**63), max_value=2**64 - 1), max_size=2),
 )
-code_values = (
-    st.text(alphabet=CODE_ALPHABET + CODE_ALPHABET.lower() + "ILOUilou-", min_size=4, max_size=14) | json_values
+frame_fields = st.fixed_dictionaries(
+    {
+        "type": mostly(st.sampled_from(TYPE_NAMES), st.sampled_from(["", "PING", "pong"]) | st.text(max_size=20)),
+        "id": id_values,
+        "code": mostly(
+            st.text(alphabet=CODE_ALPHABET + CODE_ALPHABET.lower(), min_size=MIN_CODE_CHARS, max_size=MAX_CODE_CHARS),
+            st.text(alphabet=CODE_ALPHABET + "ILOUilou-", min_size=4, max_size=14) | json_values,
+        ),
+        "client_id": mostly(st.text(min_size=1, max_size=MAX_CLIENT_ID_CHARS), st.text(max_size=70) | json_scalars),
+        "token": mostly(st.text(min_size=1, max_size=MAX_TOKEN_CHARS), st.text(max_size=130) | json_scalars),
+        "last_seq": mostly(
+            st.integers(min_value=0, max_value=MAX_SEQ),
+            st.integers(min_value=-5, max_value=2**64 - 1) | st.sampled_from([-1, MAX_SEQ + 1]) | json_values,
+        ),
+        "data": json_values,
+    }
 )
-seq_values = st.integers(min_value=-5, max_value=2**64 - 1) | st.sampled_from([MAX_SEQ, MAX_SEQ + 1]) | json_values
-json_frames = st.builds(
-    lambda extra, known: {**extra, **known},
-    st.dictionaries(st.text(max_size=10), json_values, max_size=3),
-    st.fixed_dictionaries(
-        {},
-        optional={
-            "type": type_values,
-            "id": id_values,
-            "code": code_values,
-            "client_id": st.text(max_size=70) | json_scalars,
-            "token": st.text(max_size=130) | json_scalars,
-            "last_seq": seq_values,
-            "data": json_values,
-        },
-    ),
-).map(lambda obj: orjson.dumps(obj).decode())
-any_text = st.text() | st.text(st.characters() | st.characters(categories=["Cs"])) | json_frames
-limits = st.just(DEFAULT_MAX_MESSAGE_BYTES) | st.integers(min_value=0, max_value=200)
+
+
+@st.composite
+def json_frames(draw: st.DrawFn) -> str:
+    """A JSON object with some of the request fields, valid or not, and extra keys."""
+    fields = draw(frame_fields)
+    for key in draw(st.sets(st.sampled_from(sorted(fields)), max_size=3)):
+        del fields[key]
+    extra = draw(st.dictionaries(st.text(max_size=10), json_values, max_size=3))
+    return orjson.dumps({**extra, **fields}).decode()
+
+
+any_text = mostly(json_frames(), st.text() | st.text(st.characters() | st.characters(categories=["Cs"])))
+limits = mostly(st.just(DEFAULT_MAX_MESSAGE_BYTES), st.integers(min_value=0, max_value=1000))
 
 
 def is_valid_id(value: object) -> bool:
