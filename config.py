@@ -48,6 +48,8 @@ class Config:
     max_consecutive_errors: int = 20
     sweep_interval: float = 1.0
     sqlite_synchronous: str = "FULL"
+    redis_url: str | None = None  # set: sessions live in Redis, shared by instances
+    redis_cluster: bool = False
 
     @property
     def read_timeout(self) -> float:
@@ -127,6 +129,20 @@ def _origins(raw: str) -> tuple[str, ...]:
     return () if "*" in origins else origins
 
 
+def _redis_url(raw: str) -> str:
+    if not raw.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(raw)
+    return raw
+
+
+def _flag(raw: str) -> bool:
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
+
+
 def _host(raw: str) -> str:
     if any(c.isspace() for c in raw):
         raise ValueError(raw)
@@ -162,7 +178,11 @@ def load(env: Mapping[str, str] | None = None, dotenv: Path | None = Path(".env"
         max_consecutive_errors=r.integer("MAX_CONSECUTIVE_ERRORS", DEFAULTS.max_consecutive_errors, 1, 10_000),
         sweep_interval=r.seconds("SWEEP_INTERVAL", DEFAULTS.sweep_interval, 0.05, 3600),
         sqlite_synchronous=r.choice("SQLITE_SYNCHRONOUS", DEFAULTS.sqlite_synchronous, ("NORMAL", "FULL")),
+        redis_url=r.get("REDIS_URL", DEFAULTS.redis_url, _redis_url, "a redis://, rediss:// or unix:// URL"),
+        redis_cluster=r.get("REDIS_CLUSTER", DEFAULTS.redis_cluster, _flag, "0 or 1"),
     )
+    if config.redis_cluster and config.redis_url is None:
+        raise ConfigError("REDIS_CLUSTER", "1", "REDIS_URL to be set as well (a node of the cluster)")
     if config.send_queue_bytes < config.max_message_bytes * 2:
         raise ConfigError(
             "SEND_QUEUE_BYTES",

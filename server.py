@@ -18,7 +18,7 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -38,6 +38,7 @@ import logging_setup
 import protocol
 from config import Config
 from protocol import CloseCode, ErrorCode
+from redis_store import RedisStore
 from session_store import Broadcast, Ended, Event, SessionStore, SqliteStore, StoredMessage, Takeover
 
 log = logging.getLogger("tandem")
@@ -66,6 +67,7 @@ class Hub:
     def __init__(self) -> None:
         self.connections: dict[str, Connection] = {}
         self.sessions: dict[str, list[Connection]] = {}
+        self.unwatch: Callable[[str], None] = lambda code: None  # the store's, once open
         self.all_closed = trio.Event()
         self.all_closed.set()
 
@@ -91,6 +93,7 @@ class Hub:
             members.remove(conn)
             if not members:
                 del self.sessions[conn.code]
+                self.unwatch(conn.code)
         conn.code = conn.client_id = None
 
     def dispatch(self, event: Event) -> None:
@@ -109,8 +112,11 @@ class Hub:
                     self.detach(previous)
                     previous.close(CloseCode.NORMAL)
             case Ended(code, notice):
-                for conn in self.sessions.pop(code, []):
+                members = self.sessions.pop(code, [])
+                for conn in members:
                     conn.end_session(notice)
+                if members:
+                    self.unwatch(code)
 
     def close_all(self, code: CloseCode) -> None:
         for conn in tuple(self.connections.values()):
@@ -318,6 +324,11 @@ class Connection:
         length = self.config.code_length
         created = await self.store.create(partial(new_code, length), client_id, token_hash(token), self.id, now_ms())
         self.tandem.hub.attach(self, created.code, client_id)
+        try:
+            await self.store.watch(created.code)  # before anyone can know the code
+        except BaseException:
+            self.tandem.hub.detach(self)
+            raise
         self.push(
             protocol.serialize(protocol.SessionCreated(request.id, created.code, client_id, token, created.expires_at))
         )
@@ -328,6 +339,7 @@ class Connection:
         client_id, token = secrets.token_urlsafe(9), secrets.token_urlsafe(32)
         self._hold(request.code, client_id)
         try:
+            await self.store.watch(request.code)
             joined = await self.store.join(request.code, client_id, token_hash(token), self.id, now_ms())
         except BaseException:
             self.held = None
@@ -342,6 +354,7 @@ class Connection:
         self._require_no_session()
         self._hold(request.code, request.client_id)
         try:
+            await self.store.watch(request.code)
             resumed = await self.store.resume(
                 request.code, request.client_id, token_hash(request.token), self.id, request.last_seq, now_ms()
             )
@@ -481,17 +494,39 @@ async def _drain_on_signal(tandem: Tandem) -> None:
 
 
 @asynccontextmanager
+async def open_store(config: Config, hub: Hub) -> AsyncIterator[SessionStore]:
+    """The configured store: Redis when REDIS_URL is set, else SQLite in DATA_DIR."""
+    idle_ms = math.ceil(config.session_idle_timeout * 1000)
+    ttl_ms = math.ceil(config.session_ttl * 1000)
+    store: SessionStore
+    if config.redis_url is not None:
+        async with RedisStore.open(
+            config.redis_url,
+            hub.dispatch,
+            cluster=config.redis_cluster,
+            history_size=config.history_size,
+            idle_ms=idle_ms,
+            ttl_ms=ttl_ms,
+        ) as store:
+            hub.unwatch = store.unwatch
+            yield store
+    else:
+        async with SqliteStore.open(
+            config.data_dir,
+            hub.dispatch,
+            history_size=config.history_size,
+            idle_ms=idle_ms,
+            ttl_ms=ttl_ms,
+            synchronous=config.sqlite_synchronous,
+        ) as store:
+            yield store
+
+
+@asynccontextmanager
 async def lifespan(config: Config) -> AsyncIterator[Tandem]:
     """Open the store and the background tasks; close them in reverse order."""
     hub = Hub()
-    async with SqliteStore.open(
-        config.data_dir,
-        hub.dispatch,
-        history_size=config.history_size,
-        idle_ms=math.ceil(config.session_idle_timeout * 1000),
-        ttl_ms=math.ceil(config.session_ttl * 1000),
-        synchronous=config.sqlite_synchronous,
-    ) as store:
+    async with open_store(config, hub) as store:
         tandem = Tandem(config, hub, store)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_sweeper, tandem)

@@ -147,6 +147,14 @@ class SessionStore(ABC):
     async def check(self) -> None:
         """Raise unless the store answers."""
 
+    @abstractmethod
+    async def watch(self, code: str) -> None:
+        """Make sure this process receives the events of `code` from now on."""
+
+    @abstractmethod
+    def unwatch(self, code: str) -> None:
+        """This process no longer needs the events of `code`."""
+
 
 # --- SQLite ---------------------------------------------------------------------
 
@@ -503,6 +511,13 @@ class SqliteStore(SessionStore):
             db.execute("SELECT 1").fetchone()
 
         await self._call(run)
+
+    # One process holds every connection of the file: its events are all local.
+    async def watch(self, code: str) -> None:
+        return None
+
+    def unwatch(self, code: str) -> None:
+        return None
 
 
 def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
