@@ -8,11 +8,14 @@ is allowed, and `python server.py` prints that one line and exits 2.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 import protocol
 
@@ -50,6 +53,31 @@ class Config:
     sqlite_synchronous: str = "FULL"
     redis_url: str | None = None  # set: sessions live in Redis, shared by instances
     redis_cluster: bool = False
+    # PostgreSQL archive (database.py); database_url None: no archive.
+    database_url: str | None = field(default=None, repr=False)  # may hold a password
+    migrate_on_start: bool = False
+    archive_flush_ms: int = 200
+    archive_batch_rows: int = 500
+    archive_queue_size: int = 10_000
+    archive_messages: bool = True
+    # Rate limits as (count, seconds); None: that limit is off.
+    rate_limit_enabled: bool = True
+    rate_limit_messages_user: tuple[int, float] | None = (10, 60.0)
+    rate_limit_messages_ip: tuple[int, float] | None = (20, 60.0)
+    rate_limit_connections_ip: tuple[int, float] | None = (5, 60.0)
+    rate_limit_join_failures_ip: tuple[int, float] | None = (10, 60.0)
+    rate_limit_api_ip: tuple[int, float] | None = (60, 60.0)
+    rate_limit_fail_closed: bool = False
+    trusted_proxies: tuple[str, ...] = ()  # peers whose X-Forwarded-For is believed
+    # Logs, probes and the drain (logging_setup.py, health.py).
+    log_format: str = "auto"  # auto: console on a terminal, else json
+    log_file: Path | None = None
+    log_retention_days: int = 7
+    log_ip_mode: str = "hash"  # hash: keyed hash of the address; truncate: its /24 or /48
+    log_ip_key: str = field(default="", repr=False)  # empty: a random key per process
+    liveness_max_lag: float = 5.0
+    ready_timeout: float = 1.0
+    pre_drain_delay: float = 0.0
 
     @property
     def read_timeout(self) -> float:
@@ -129,6 +157,23 @@ def _origins(raw: str) -> tuple[str, ...]:
     return () if "*" in origins else origins
 
 
+_RATE_ALLOWED = "COUNT/SECONDS such as 10/60, or off"
+
+
+def _rate(raw: str) -> tuple[int, float] | None:
+    if raw.lower() in ("off", "0"):
+        return None
+    count, sep, seconds = raw.partition("/")
+    limit, window = int(count), float(seconds)
+    if not sep or not 1 <= limit <= 1_000_000 or not 0.001 <= window <= 86400:
+        raise ValueError(raw)
+    return limit, window
+
+
+def _networks(raw: str) -> tuple[str, ...]:
+    return tuple(str(ipaddress.ip_network(part.strip(), strict=False)) for part in raw.split(",") if part.strip())
+
+
 def _redis_url(raw: str) -> str:
     if not raw.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError(raw)
@@ -141,6 +186,44 @@ def _flag(raw: str) -> bool:
     if raw.lower() in ("0", "false", "no", "off"):
         return False
     raise ValueError(raw)
+
+
+def _one_of(*choices: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        if raw.lower() not in choices:
+            raise ValueError(raw)
+        return raw.lower()
+
+    return parse
+
+
+def _log_file(raw: str) -> Path:
+    if Path(raw).is_dir():
+        raise ValueError(raw)
+    return Path(raw)
+
+
+def _secret(raw: str) -> str:
+    if len(raw) < 16:
+        raise ValueError("too short")
+    return raw
+
+
+def _database_url(raw: str | None) -> str | None:
+    """A postgresql:// URL; a bad one is reported with its password masked."""
+    if raw is None or raw.strip() == "":
+        return None
+    url = raw.strip()
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  # raises ValueError on a bad port
+        if parts.scheme not in ("postgresql", "postgres") or any(c.isspace() for c in url):
+            raise ValueError(url)
+    except ValueError:
+        shown = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+        allowed = "a postgresql:// URL such as postgresql://user@host:5432/tandem"
+        raise ConfigError("DATABASE_URL", shown, allowed) from None
+    return url
 
 
 def _host(raw: str) -> str:
@@ -180,9 +263,45 @@ def load(env: Mapping[str, str] | None = None, dotenv: Path | None = Path(".env"
         sqlite_synchronous=r.choice("SQLITE_SYNCHRONOUS", DEFAULTS.sqlite_synchronous, ("NORMAL", "FULL")),
         redis_url=r.get("REDIS_URL", DEFAULTS.redis_url, _redis_url, "a redis://, rediss:// or unix:// URL"),
         redis_cluster=r.get("REDIS_CLUSTER", DEFAULTS.redis_cluster, _flag, "0 or 1"),
+        database_url=_database_url(merged.get("DATABASE_URL")),
+        migrate_on_start=r.get("MIGRATE_ON_START", DEFAULTS.migrate_on_start, _flag, "0 or 1"),
+        archive_flush_ms=r.integer("ARCHIVE_FLUSH_MS", DEFAULTS.archive_flush_ms, 10, 60_000),
+        archive_batch_rows=r.integer("ARCHIVE_BATCH_ROWS", DEFAULTS.archive_batch_rows, 1, 10_000),
+        archive_queue_size=r.integer("ARCHIVE_QUEUE_SIZE", DEFAULTS.archive_queue_size, 10, 1_000_000),
+        archive_messages=r.get("ARCHIVE_MESSAGES", DEFAULTS.archive_messages, _flag, "0 or 1"),
+        rate_limit_enabled=r.get("RATE_LIMIT_ENABLED", DEFAULTS.rate_limit_enabled, _flag, "0 or 1"),
+        rate_limit_messages_user=r.get(
+            "RATE_LIMIT_MESSAGES_USER", DEFAULTS.rate_limit_messages_user, _rate, _RATE_ALLOWED
+        ),
+        rate_limit_messages_ip=r.get("RATE_LIMIT_MESSAGES_IP", DEFAULTS.rate_limit_messages_ip, _rate, _RATE_ALLOWED),
+        rate_limit_connections_ip=r.get(
+            "RATE_LIMIT_CONNECTIONS_IP", DEFAULTS.rate_limit_connections_ip, _rate, _RATE_ALLOWED
+        ),
+        rate_limit_join_failures_ip=r.get(
+            "RATE_LIMIT_JOIN_FAILURES_IP", DEFAULTS.rate_limit_join_failures_ip, _rate, _RATE_ALLOWED
+        ),
+        rate_limit_api_ip=r.get("RATE_LIMIT_API_IP", DEFAULTS.rate_limit_api_ip, _rate, _RATE_ALLOWED),
+        rate_limit_fail_closed=r.get("RATE_LIMIT_FAIL_CLOSED", DEFAULTS.rate_limit_fail_closed, _flag, "0 or 1"),
+        trusted_proxies=r.get(
+            "TRUSTED_PROXIES", DEFAULTS.trusted_proxies, _networks, "a comma-separated list of IP addresses or CIDRs"
+        ),
+        log_format=r.get("LOG_FORMAT", DEFAULTS.log_format, _one_of("auto", "json", "console"), "auto, json or console"),
+        log_file=r.get("LOG_FILE", DEFAULTS.log_file, _log_file, "a file path (not a directory)"),
+        log_retention_days=r.integer("LOG_RETENTION_DAYS", DEFAULTS.log_retention_days, 1, 3650),
+        log_ip_mode=r.get("LOG_IP_MODE", DEFAULTS.log_ip_mode, _one_of("hash", "truncate"), "hash or truncate"),
+        log_ip_key=r.get("LOG_IP_KEY", DEFAULTS.log_ip_key, _secret, "a secret of at least 16 characters"),
+        liveness_max_lag=r.seconds("LIVENESS_MAX_LAG", DEFAULTS.liveness_max_lag, 0.1, 3600),
+        ready_timeout=r.seconds("READY_TIMEOUT", DEFAULTS.ready_timeout, 0.05, 60),
+        pre_drain_delay=r.seconds("PRE_DRAIN_DELAY", DEFAULTS.pre_drain_delay, 0, 300),
     )
     if config.redis_cluster and config.redis_url is None:
         raise ConfigError("REDIS_CLUSTER", "1", "REDIS_URL to be set as well (a node of the cluster)")
+    if config.pre_drain_delay > config.shutdown_grace / 2:
+        raise ConfigError(
+            "PRE_DRAIN_DELAY",
+            f"{config.pre_drain_delay:g}",
+            f"seconds from 0 to half of SHUTDOWN_GRACE ({config.shutdown_grace / 2:g})",
+        )
     if config.send_queue_bytes < config.max_message_bytes * 2:
         raise ConfigError(
             "SEND_QUEUE_BYTES",

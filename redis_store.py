@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +28,7 @@ import trio
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from limiter import LUA_WINDOW_FUNCTIONS, LimitKey, RedisLimiter, rate_limited, redis_key
 from protocol import ClientError, ErrorCode, Member, ServerError
 from session_store import (
     Broadcast,
@@ -159,12 +160,20 @@ end
 return out
 """
 
-# ARGV: client_id, conn_id, data, idle_ms, grace, code, history_size
+# KEYS[4..]: rate-limit keys. ARGV: client_id, conn_id, data, idle_ms, grace,
+# code, history_size, then (limit, window_ms) per rate-limit key.
+# Returns {seq}, {-1} (no such session or member) or {-9, retry_ms, key index}.
 _APPEND = """
 local now = now_ms()
 local cid = ARGV[1]
 local v = redis.call('HMGET', KEYS[1], 'idle_at', 'ttl_at', 'o:' .. cid)
-if not v[1] or tonumber(v[1]) <= now or tonumber(v[2]) <= now or v[3] ~= ARGV[2] then return -1 end
+if not v[1] or tonumber(v[1]) <= now or tonumber(v[2]) <= now or v[3] ~= ARGV[2] then return {-1} end
+for i = 4, #KEYS do
+  local limit, window = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
+  local recent = window_recent(KEYS[i], limit, window, now)
+  if #recent >= limit then return {-9, recent[limit] + window - now, i - 3} end
+end
+for i = 4, #KEYS do window_add(KEYS[i], tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1]), now) end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local idle_at = now + tonumber(ARGV[4])
 redis.call('HSET', KEYS[1], 'idle_at', int(idle_at))
@@ -176,7 +185,7 @@ end
 refresh(KEYS[1], KEYS[2], idle_at, tonumber(v[2]), tonumber(ARGV[5]))
 emit('b', cid, int(seq), '{"type":"message","code":"' .. ARGV[6] .. '","seq":' .. int(seq) .. ',"from":"' .. cid ..
   '","data":' .. ARGV[3] .. ',"ts":' .. int(now) .. '}')
-return seq
+return {seq}
 """
 
 # ARGV: client_id, conn_id
@@ -229,7 +238,7 @@ return out
 """
 
 SCRIPTS = {
-    name: _LUA_COMMON + body
+    name: LUA_WINDOW_FUNCTIONS + _LUA_COMMON + body
     for name, body in {
         "create": _CREATE,
         "join": _JOIN,
@@ -306,6 +315,7 @@ class RedisStore(SessionStore):
         self._ttl_ms = ttl_ms
         self._shas = {name: _sha1(body) for name, body in SCRIPTS.items()}
         self.writer = GroupCommit(self._execute, dispatch, abandon_on_cancel=True)
+        self.limiter = RedisLimiter(client)
         # Subscriptions: the trio side says what it wants; the listener thread
         # makes it so and reports what is confirmed.
         self._lock = threading.Lock()
@@ -438,13 +448,29 @@ class RedisStore(SessionStore):
         replay = tuple(m for m in map(_stored, result[3:]) if m.sender != client_id)
         return Resumed(_members(result[2]), int(status), recovered=int(result[1]) <= last_seq, replay=replay)
 
-    async def append(self, code: str, client_id: str, conn_id: str, data: bytes, now: int) -> int:
-        seq = await self._run(
-            "append", code, client_id, conn_id, data, self._idle_ms, KEY_GRACE_MS, code, self._history
-        )
-        if seq == -1:
+    async def append(
+        self, code: str, client_id: str, conn_id: str, data: bytes, now: int, limits: Sequence[LimitKey] = ()
+    ) -> int:
+        # Limits go into the append script (one round trip) when their keys can
+        # share its hash slot: a member's are kept beside the session; on a
+        # cluster the others (per IP) need a check of their own first.
+        folded = [k for k in limits if k.per_session or not self.cluster]
+        for k in limits:
+            if k not in folded:
+                decision = await self.limiter.hit(k.rule, k.key)
+                if not decision.allowed:
+                    raise rate_limited(k.rule.name, decision.retry_after)
+        keys = session_keys(code)
+        args: list[Any] = [client_id, conn_id, data, self._idle_ms, KEY_GRACE_MS, code, self._history]
+        for k in folded:
+            keys.append(f"tandem:{{{code}}}:rl:{k.rule.name}:{k.key}" if k.per_session else redis_key(k.rule, k.key))
+            args += [k.rule.limit, round(k.rule.window * 1000)]
+        result = await self.writer.call(_Script("append", keys, args))
+        if result[0] == -1:
             raise not_found()
-        return int(seq)
+        if result[0] == -9:
+            raise rate_limited(folded[int(result[2]) - 1].rule.name, float(result[1]) / 1000)
+        return int(result[0])
 
     async def leave(self, code: str, client_id: str, conn_id: str, now: int) -> bool:
         result = await self._run("leave", code, client_id, conn_id)

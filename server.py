@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
+import ipaddress
 import logging
 import math
 import secrets
@@ -30,6 +31,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
+from starlette.types import Scope
 from starlette.websockets import WebSocket
 
 import config as config_module
@@ -37,6 +39,7 @@ import hypercorn_fixes
 import logging_setup
 import protocol
 from config import Config
+from limiter import Decision, Limiter, LimitKey, Limits, Rule, rate_limited
 from protocol import CloseCode, ErrorCode
 from redis_store import RedisStore
 from session_store import Broadcast, Ended, Event, SessionStore, SqliteStore, StoredMessage, Takeover
@@ -135,11 +138,12 @@ class Connection:
     wait in `held` so that the direct reply goes out first.
     """
 
-    def __init__(self, ws: WebSocket, tandem: Tandem) -> None:
+    def __init__(self, ws: WebSocket, tandem: Tandem, ip_key: str) -> None:
         self.ws = ws
         self.tandem = tandem
         self.config = tandem.config
         self.store = tandem.store
+        self.ip_key = ip_key  # the client address as limiter key (a hash)
         self.id = secrets.token_urlsafe(9)
         self.code: str | None = None
         self.client_id: str | None = None
@@ -314,7 +318,8 @@ class Connection:
 
     async def _send_message(self, request: protocol.SendMessage) -> None:
         code, client_id = self._membership()
-        seq = await self.store.append(code, client_id, self.id, request.data, now_ms())
+        limits = self.tandem.message_limits(client_id, self.ip_key)
+        seq = await self.store.append(code, client_id, self.id, request.data, now_ms(), limits)
         self.messages_in += 1
         self.push(protocol.serialize(protocol.MessageAck(request.id, seq)))
 
@@ -336,14 +341,21 @@ class Connection:
 
     async def _join(self, request: protocol.JoinSession) -> None:
         self._require_no_session()
+        failures = self.tandem.limits.join_failures_ip
+        if failures is not None:  # brute force on codes: refuse before trying
+            decision = await self.tandem.limiter.peek(failures, self.ip_key)
+            if not decision.allowed:
+                raise rate_limited(failures.name, decision.retry_after)
         client_id, token = secrets.token_urlsafe(9), secrets.token_urlsafe(32)
         self._hold(request.code, client_id)
         try:
             await self.store.watch(request.code)
             joined = await self.store.join(request.code, client_id, token_hash(token), self.id, now_ms())
-        except BaseException:
+        except BaseException as exc:
             self.held = None
             self.tandem.hub.detach(self)
+            if failures is not None and isinstance(exc, protocol.ClientError):
+                await self.tandem.limiter.record(failures, self.ip_key)
             raise
         reply = protocol.SessionJoined(request.id, request.code, client_id, token, joined.clients, joined.last_seq)
         self._release(reply, joined.backlog, joined.last_seq)
@@ -405,15 +417,104 @@ class Tandem:
         self.config = config
         self.hub = hub
         self.store = store
+        self.limiter: Limiter = store.limiter
+        self.limits = limits_from_config(config)
         self.draining = False
+
+    def message_limits(self, client_id: str, ip_key: str) -> list[LimitKey]:
+        limits = []
+        if self.limits.messages_user is not None:
+            limits.append(LimitKey(self.limits.messages_user, client_id, per_session=True))
+        if self.limits.messages_ip is not None:
+            limits.append(LimitKey(self.limits.messages_ip, ip_key))
+        return limits
+
+
+def limits_from_config(config: Config) -> Limits:
+    if not config.rate_limit_enabled:
+        return Limits()
+
+    def rule(name: str, setting: tuple[int, float] | None) -> Rule | None:
+        return None if setting is None else Rule(name, setting[0], setting[1])
+
+    return Limits(
+        messages_user=rule("messages_user", config.rate_limit_messages_user),
+        messages_ip=rule("messages_ip", config.rate_limit_messages_ip),
+        connections_ip=rule("connections_ip", config.rate_limit_connections_ip),
+        join_failures_ip=rule("join_failures_ip", config.rate_limit_join_failures_ip),
+        api_ip=rule("api_ip", config.rate_limit_api_ip),
+    )
+
+
+def client_ip(scope: Scope, trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> str:
+    """The socket's peer, or with a trusted proxy as peer, the nearest untrusted
+    address of X-Forwarded-For (read from the right)."""
+    client = scope.get("client")
+    peer = str(client[0]) if client else "unknown"
+    if not trusted or not _is_trusted(peer, trusted):
+        return peer
+    forwarded: list[str] = [
+        value.decode("latin-1") for name, value in scope.get("headers", []) if name == b"x-forwarded-for"
+    ]
+    hops: list[str] = [hop.strip() for value in forwarded for hop in value.split(",") if hop.strip()]
+    for hop in reversed(hops):
+        if not _is_trusted(hop, trusted):
+            return hop
+    return hops[0] if hops else peer
+
+
+def _is_trusted(address: str, trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in trusted)
+
+
+def ip_key(ip: str) -> str:
+    # Limiter keys are shared by every instance, so the hash key is fixed:
+    # Redis holds pseudonyms, not addresses.
+    return hashlib.sha256(b"tandem-ip:" + ip.encode()).hexdigest()[:24]
 
 
 def _error_response(status: int, code: ErrorCode, message: str, headers: dict[str, str] | None = None) -> Response:
     return JSONResponse({"error": {"code": str(code), "message": message}}, status, headers=headers)
 
 
+def too_many(rule: Rule, decision: Decision) -> Response:
+    return _error_response(
+        429, ErrorCode.RATE_LIMITED, f"rate limit {rule.name} exceeded", decision.headers(rule)
+    )
+
+
 def create_app(tandem: Tandem) -> Starlette:
     allowed = frozenset(tandem.config.allowed_origins)
+    trusted = tuple(ipaddress.ip_network(n) for n in tandem.config.trusted_proxies)
+
+    async def api_info(request: Request) -> Response:
+        """What a client needs to know about this server's limits."""
+        rule = tandem.limits.api_ip
+        headers: dict[str, str] = {}
+        if rule is not None:
+            decision = await tandem.limiter.hit(rule, ip_key(client_ip(request.scope, trusted)))
+            if not decision.allowed:
+                return too_many(rule, decision)
+            headers = decision.headers(rule)
+        config = tandem.config
+        limits = {
+            rule.name: {"limit": rule.limit, "window": rule.window}
+            for rule in (getattr(tandem.limits, f) for f in tandem.limits.__slots__)
+            if rule is not None
+        }
+        body = {
+            "protocol": protocol.SUBPROTOCOL,
+            "max_message_bytes": config.max_message_bytes,
+            "history_size": config.history_size,
+            "session_idle_timeout": config.session_idle_timeout,
+            "session_ttl": config.session_ttl,
+            "rate_limits": limits,
+        }
+        return JSONResponse(body, headers=headers)
 
     async def websocket_endpoint(ws: WebSocket) -> None:
         if tandem.draining:
@@ -425,9 +526,16 @@ def create_app(tandem: Tandem) -> Starlette:
         if allowed and (origin is None or origin.rstrip("/").lower() not in allowed):
             await ws.send_denial_response(_error_response(403, ErrorCode.UNAUTHORIZED, "origin not allowed"))
             return
+        ipk = ip_key(client_ip(ws.scope, trusted))
+        connections = tandem.limits.connections_ip
+        if connections is not None:
+            decision = await tandem.limiter.hit(connections, ipk)
+            if not decision.allowed:
+                await ws.send_denial_response(too_many(connections, decision))
+                return
         offered = ws.scope.get("subprotocols") or []
         await ws.accept(protocol.SUBPROTOCOL if protocol.SUBPROTOCOL in offered else None)
-        await Connection(ws, tandem).run()
+        await Connection(ws, tandem, ipk).run()
 
     async def live(request: Request) -> Response:
         return JSONResponse({"status": "pass"})
@@ -444,6 +552,7 @@ def create_app(tandem: Tandem) -> Starlette:
         routes=[
             WebSocketRoute("/ws", websocket_endpoint),
             Route("/", index),
+            Route("/api/info", api_info),
             Route("/health/live", live),
             Route("/health/ready", ready),
         ]
@@ -555,15 +664,18 @@ def main() -> int:
     except config_module.ConfigError as exc:
         print(f"tandem: {exc}", file=sys.stderr)
         return 2
-    logging_setup.setup(config.log_level)
-    hypercorn_fixes.install()
-    gc.set_threshold(50_000, 20, 20)
+    pipeline = logging_setup.setup(config)
     try:
-        trio.run(run, config)
-    except (OSError, RuntimeError) as exc:
-        log.critical("server.failed", extra={"fields": {"error": str(exc)}})
-        return 1
-    return 0
+        hypercorn_fixes.install()
+        gc.set_threshold(50_000, 20, 20)
+        try:
+            trio.run(run, config)
+        except (OSError, RuntimeError) as exc:
+            log.critical("server.failed", extra={"fields": {"error": str(exc)}})
+            return 1
+        return 0
+    finally:
+        pipeline.stop()
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import fcntl
 import hmac
 import sqlite3
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import trio
 
 import protocol
+from limiter import Limiter, LimitKey, MemoryLimiter, rate_limited
 from protocol import ClientError, ErrorCode, Member, ServerError
 
 T = TypeVar("T")
@@ -114,6 +115,8 @@ def not_found() -> ClientError:
 class SessionStore(ABC):
     """Durable sessions. Every method takes `now` in ms since the Unix epoch."""
 
+    limiter: Limiter  # rate limits kept where the sessions are
+
     @abstractmethod
     async def create(
         self, new_code: Callable[[], str], client_id: str, token_hash: bytes, conn_id: str, now: int
@@ -128,8 +131,11 @@ class SessionStore(ABC):
     ) -> Resumed: ...
 
     @abstractmethod
-    async def append(self, code: str, client_id: str, conn_id: str, data: bytes, now: int) -> int:
-        """Store a message durably and return its seq."""
+    async def append(
+        self, code: str, client_id: str, conn_id: str, data: bytes, now: int, limits: Sequence[LimitKey] = ()
+    ) -> int:
+        """Store a message durably and return its seq; `rate_limited` (nothing
+        stored, nothing counted) if any of `limits` refuses it."""
 
     @abstractmethod
     async def leave(self, code: str, client_id: str, conn_id: str, now: int) -> bool:
@@ -273,6 +279,7 @@ class SqliteStore(SessionStore):
         # Not abandoned on cancel: a commit in flight finishes, so that an op
         # reported done is durable and an acked message is stored.
         self.writer = GroupCommit(self._execute, dispatch, abandon_on_cancel=False)
+        self.limiter: MemoryLimiter = MemoryLimiter()
 
     @classmethod
     @asynccontextmanager
@@ -435,7 +442,13 @@ class SqliteStore(SessionStore):
 
         return await self._call(run)
 
-    async def append(self, code: str, client_id: str, conn_id: str, data: bytes, now: int) -> int:
+    async def append(
+        self, code: str, client_id: str, conn_id: str, data: bytes, now: int, limits: Sequence[LimitKey] = ()
+    ) -> int:
+        refused = self.limiter.hit_all(limits)  # in memory: this process is the only one
+        if refused is not None:
+            raise rate_limited(refused.rule, refused.decision.retry_after)
+
         def run(db: sqlite3.Connection, events: list[Event]) -> int:
             row = db.execute(
                 "UPDATE sessions SET last_seq = last_seq + 1, idle_at = ?"
@@ -511,6 +524,19 @@ class SqliteStore(SessionStore):
             db.execute("SELECT 1").fetchone()
 
         await self._call(run)
+
+    async def count_sessions(self, now: int) -> dict[str, int]:
+        """Live sessions by state, for metrics: "waiting" (one member) and "paired"."""
+
+        def run(db: sqlite3.Connection, events: list[Event]) -> dict[str, int]:
+            waiting, paired = db.execute(
+                "SELECT coalesce(sum(n < ?), 0), coalesce(sum(n >= ?), 0) FROM (SELECT count(*) AS n"
+                " FROM members JOIN sessions USING (code) WHERE min(idle_at, ttl_at) > ? GROUP BY code)",
+                (MAX_MEMBERS, MAX_MEMBERS, now),
+            ).fetchone()
+            return {"waiting": waiting, "paired": paired}
+
+        return await self._call(run)
 
     # One process holds every connection of the file: its events are all local.
     async def watch(self, code: str) -> None:

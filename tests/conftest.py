@@ -116,7 +116,8 @@ def tandem_factory(tmp_path: Path) -> Iterator[ServerFactory]:
 
     def start(data_dir: Path | None = None, **settings: str) -> Server:
         n = next(counter)
-        env = {"LOG_LEVEL": "INFO", **{k: str(v) for k, v in settings.items()}}
+        # Rate limits are off unless a test turns them on: the suite sends more than 10 messages a minute.
+        env = {"LOG_LEVEL": "INFO", "RATE_LIMIT_ENABLED": "0", **{k: str(v) for k, v in settings.items()}}
         server = Server(env, data_dir or tmp_path / "data", tmp_path / f"server-{n}.log")
         servers.append(server)
         return server.start()

@@ -1,0 +1,299 @@
+"""Rate limits: pure sliding-window decisions, kept in memory or in Redis.
+
+The window is a sliding-window log: a key keeps the times of its last `limit`
+admitted requests, and a request is admitted when fewer than `limit` of them
+fall in the last `window` seconds. Unlike a sliding-window counter (which
+interpolates) or GCRA (which admits a burst and then a steady rate, so 11 in
+a 60 s span for "10 per 60 s"), it never admits more than `limit` in any span
+of `window` seconds, and `retry_after` is exact; it costs `limit` timestamps
+per key, which is small for these limits. `decide` is the rule with the clock
+passed in; MemoryLimiter and the Lua in RedisLimiter both follow it, and one
+table of cases in the tests checks both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import redis
+import redis.cluster
+import trio
+
+from protocol import ClientError, ErrorCode
+
+log = logging.getLogger("tandem.limiter")
+
+# Keys the in-memory limiter tracks at most; the least recently used go first
+# (an attacker cycling addresses must not grow memory without bound).
+MEMORY_MAX_KEYS = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """`limit` requests per `window` seconds for one kind of request."""
+
+    name: str
+    limit: int
+    window: float
+
+    @property
+    def policy(self) -> str:
+        """The IETF RateLimit-Policy item for this rule."""
+        return f'"{self.name}";q={self.limit};w={round(self.window)}'
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The rules in force; None where a limit is off."""
+
+    messages_user: Rule | None = None
+    messages_ip: Rule | None = None
+    connections_ip: Rule | None = None
+    join_failures_ip: Rule | None = None
+    api_ip: Rule | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LimitKey:
+    """One limit to check for a request: `rule` counted under `key`.
+
+    `per_session`: the key belongs to one session (a member), so a store may
+    keep it beside the session's own keys (same Redis Cluster slot).
+    """
+
+    rule: Rule
+    key: str
+    per_session: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    remaining: int  # requests still allowed in the current window
+    retry_after: float  # seconds until the next request is allowed; 0 if allowed
+    reset: float  # seconds until the window holds no request at all
+
+    def headers(self, rule: Rule) -> dict[str, str]:
+        """Retry-After (when refused) and the IETF draft RateLimit headers."""
+        out = {
+            "RateLimit-Policy": rule.policy,
+            "RateLimit": f'"{rule.name}";r={self.remaining};t={max(0, round(self.reset))}',
+        }
+        if not self.allowed:
+            out["Retry-After"] = str(max(1, int(-(-self.retry_after // 1))))
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    rule: str
+    decision: Decision
+
+
+def decide(history: Sequence[float], now: float, rule: Rule, consume: bool = True) -> tuple[Decision, list[float]]:
+    """Admit one request at `now` given the key's admitted times, newest first.
+
+    Returns the decision and the new history. With `consume=False` it only
+    asks (nothing is recorded): how failed joins are checked before a join.
+    """
+    recent = [t for t in history[: rule.limit] if t > now - rule.window]
+    if len(recent) >= rule.limit:
+        oldest = recent[rule.limit - 1]
+        wait = oldest + rule.window - now
+        return Decision(False, 0, wait, recent[0] + rule.window - now), recent
+    if consume:
+        recent = [now, *recent][: rule.limit]
+    reset = recent[0] + rule.window - now if recent else 0.0
+    return Decision(True, rule.limit - len(recent), 0.0, reset), recent
+
+
+def record(history: Sequence[float], now: float, rule: Rule) -> list[float]:
+    """Record one event (a failed join) at `now`, whatever the count."""
+    recent = [t for t in history[: rule.limit] if t > now - rule.window]
+    return [now, *recent][: rule.limit]
+
+
+class Limiter(Protocol):
+    async def hit(self, rule: Rule, key: str) -> Decision:
+        """Check and count one request."""
+        ...
+
+    async def peek(self, rule: Rule, key: str) -> Decision:
+        """Check without counting."""
+        ...
+
+    async def record(self, rule: Rule, key: str) -> None:
+        """Count one event without checking (a failed join)."""
+        ...
+
+
+class MemoryLimiter:
+    """Per-process limits; the embedded store's, and Redis's fallback."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, max_keys: int = MEMORY_MAX_KEYS) -> None:
+        self._clock = clock
+        self._max_keys = max_keys
+        self._keys: OrderedDict[tuple[str, str], list[float]] = OrderedDict()
+
+    def _store(self, slot: tuple[str, str], history: list[float]) -> None:
+        self._keys[slot] = history
+        self._keys.move_to_end(slot)
+        while len(self._keys) > self._max_keys:
+            self._keys.popitem(last=False)
+
+    def hit_all(self, keys: Sequence[LimitKey]) -> Refusal | None:
+        """Admit one request under every key, or return the first refusal (nothing counted)."""
+        now = self._clock()
+        for k in keys:
+            decision, _ = decide(self._keys.get((k.rule.name, k.key), ()), now, k.rule, consume=False)
+            if not decision.allowed:
+                return Refusal(k.rule.name, decision)
+        for k in keys:
+            slot = (k.rule.name, k.key)
+            self._store(slot, decide(self._keys.get(slot, ()), now, k.rule)[1])
+        return None
+
+    def hit_now(self, rule: Rule, key: str) -> Decision:
+        slot = (rule.name, key)
+        decision, history = decide(self._keys.get(slot, ()), self._clock(), rule)
+        self._store(slot, history)
+        return decision
+
+    async def hit(self, rule: Rule, key: str) -> Decision:
+        return self.hit_now(rule, key)
+
+    async def peek(self, rule: Rule, key: str) -> Decision:
+        return decide(self._keys.get((rule.name, key), ()), self._clock(), rule, consume=False)[0]
+
+    async def record(self, rule: Rule, key: str) -> None:
+        slot = (rule.name, key)
+        self._store(slot, record(self._keys.get(slot, ()), self._clock(), rule))
+
+
+# The rule of `decide` in Lua, shared by LUA_WINDOW and the session store's
+# append script. A key is a list of admitted times in ms, newest first.
+LUA_WINDOW_FUNCTIONS = """
+local function window_recent(key, limit, window, now)
+  local recent = {}
+  for _, v in ipairs(redis.call('LRANGE', key, 0, limit - 1)) do
+    local t = tonumber(v)
+    if t > now - window then recent[#recent + 1] = t end
+  end
+  return recent
+end
+local function window_add(key, limit, window, now)
+  redis.call('LPUSH', key, string.format('%d', now))
+  redis.call('LTRIM', key, 0, limit - 1)
+  redis.call('PEXPIRE', key, window)
+end
+"""
+
+# KEYS[1]: the key. ARGV: limit, window_ms, mode ("hit", "peek" or "record"),
+# now_ms ("" = Redis TIME; the tests pass their own clock).
+LUA_WINDOW = LUA_WINDOW_FUNCTIONS + """
+local limit, window, mode = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local now
+if ARGV[4] ~= '' then now = tonumber(ARGV[4]) else
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local recent = window_recent(KEYS[1], limit, window, now)
+if mode ~= 'record' and #recent >= limit then
+  return {0, 0, tostring(recent[limit] + window - now), tostring(recent[1] + window - now)}
+end
+if mode ~= 'peek' then
+  window_add(KEYS[1], limit, window, now)
+  table.insert(recent, 1, now)
+  if #recent > limit then recent[#recent] = nil end
+end
+local reset = 0
+if #recent > 0 then reset = recent[1] + window - now end
+return {1, limit - #recent, '0', tostring(reset)}
+"""
+
+
+def redis_key(rule: Rule, key: str) -> str:
+    """Hash-tagged per key, so that a Redis Cluster spreads the limiter."""
+    return f"tandem:rl:{{{rule.name}:{key}}}"
+
+
+def parse_reply(reply: Sequence[Any]) -> Decision:
+    allowed, remaining, retry_ms, reset_ms = reply
+    return Decision(bool(allowed), int(remaining), float(retry_ms) / 1000, float(reset_ms) / 1000)
+
+
+class RedisLimiter:
+    """Limits shared by every instance on one Redis; one EVALSHA per check.
+
+    While Redis is unreachable it fails open onto a per-process MemoryLimiter
+    (or, with `fail_closed`, refuses), counted and logged once per outage.
+    """
+
+    def __init__(self, client: redis.Redis | redis.cluster.RedisCluster, *, fail_closed: bool = False) -> None:
+        self._client = client
+        self._script = client.register_script(LUA_WINDOW)
+        self._fallback = MemoryLimiter()
+        self._fail_closed = fail_closed
+        self.outage = False
+        self.fallbacks = 0  # checks decided without Redis
+
+    def _call(self, rule: Rule, key: str, mode: str, now_ms: int | None = None) -> Decision:
+        reply = self._script(
+            keys=[redis_key(rule, key)],
+            args=[rule.limit, round(rule.window * 1000), mode, "" if now_ms is None else now_ms],
+        )
+        return parse_reply(reply)
+
+    async def _run(self, rule: Rule, key: str, mode: str) -> Decision:
+        try:
+            with trio.fail_after(2.0):
+                decision = await trio.to_thread.run_sync(self._call, rule, key, mode, abandon_on_cancel=True)
+        except (redis.ConnectionError, redis.TimeoutError, trio.TooSlowError) as exc:
+            self.fallbacks += 1
+            if not self.outage:
+                self.outage = True
+                log.warning(
+                    "limiter.redis_down",
+                    extra={"fields": {"error": type(exc).__name__, "fail_closed": self._fail_closed}},
+                )
+            if self._fail_closed:
+                return Decision(False, 0, 1.0, 1.0)
+            match mode:
+                case "hit":
+                    return await self._fallback.hit(rule, key)
+                case "peek":
+                    return await self._fallback.peek(rule, key)
+                case _:
+                    await self._fallback.record(rule, key)
+                    return Decision(True, 0, 0.0, 0.0)
+        if self.outage:
+            self.outage = False
+            log.info("limiter.redis_back", extra={"fields": {"fallbacks": self.fallbacks}})
+        return decision
+
+    async def hit(self, rule: Rule, key: str) -> Decision:
+        return await self._run(rule, key, "hit")
+
+    async def peek(self, rule: Rule, key: str) -> Decision:
+        return await self._run(rule, key, "peek")
+
+    async def record(self, rule: Rule, key: str) -> None:
+        await self._run(rule, key, "record")
+
+
+def rate_limited(rule_name: str, retry_after: float) -> ClientError:
+    return ClientError(
+        f"rate limit {rule_name} exceeded", ErrorCode.RATE_LIMITED, retry_after=round(max(retry_after, 0.001), 3)
+    )
+
+
+def ip_key(ip: str, secret: bytes) -> str:
+    """A client address as a limiter key: a keyed hash, never the raw address."""
+    return hmac.new(secret, ip.encode(), hashlib.sha256).hexdigest()[:24]
