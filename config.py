@@ -285,7 +285,9 @@ def load(env: Mapping[str, str] | None = None, dotenv: Path | None = Path(".env"
         trusted_proxies=r.get(
             "TRUSTED_PROXIES", DEFAULTS.trusted_proxies, _networks, "a comma-separated list of IP addresses or CIDRs"
         ),
-        log_format=r.get("LOG_FORMAT", DEFAULTS.log_format, _one_of("auto", "json", "console"), "auto, json or console"),
+        log_format=r.get(
+            "LOG_FORMAT", DEFAULTS.log_format, _one_of("auto", "json", "console"), "auto, json or console"
+        ),
         log_file=r.get("LOG_FILE", DEFAULTS.log_file, _log_file, "a file path (not a directory)"),
         log_retention_days=r.integer("LOG_RETENTION_DAYS", DEFAULTS.log_retention_days, 1, 3650),
         log_ip_mode=r.get("LOG_IP_MODE", DEFAULTS.log_ip_mode, _one_of("hash", "truncate"), "hash or truncate"),

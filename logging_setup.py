@@ -126,9 +126,7 @@ class Redactor:
     def text(self, value: str, limit: int = MAX_STRING) -> str:
         if len(value) > limit:
             value = value[:limit] + f"...[{len(value) - limit} more]"
-        value = _URL_USERINFO.sub(r"\1\2:***@", value)
-        value = _AUTH_SCHEME.sub(r"\1 " + REDACTED, value)
-        value = _QUERY_SECRET.sub(r"\1" + REDACTED, value)
+        value = hide_credentials(value)
         value = _EMAIL.sub(r"\1***@\2", value)
         value = _IPV4.sub(self._ip_match, value)
         if value.count(":") >= 2:
@@ -185,6 +183,13 @@ class Redactor:
         elif record.exc_text:
             line["exception"] = self.text(record.exc_text, MAX_EXCEPTION)
         return line
+
+
+def hide_credentials(text: str) -> str:
+    """URL passwords, auth headers and secret query parameters hidden: for text that is not a log line."""
+    text = _URL_USERINFO.sub(r"\1\2:***@", text)
+    text = _AUTH_SCHEME.sub(r"\1 " + REDACTED, text)
+    return _QUERY_SECRET.sub(r"\1" + REDACTED, text)
 
 
 def _is_ip(candidate: str) -> bool:
@@ -302,7 +307,7 @@ class DailyFileHandler(logging.FileHandler):
     def rotate(self) -> None:
         if self.stream is not None:
             self.stream.close()
-            self.stream = None  # type: ignore[assignment]  # reopened by FileHandler.emit
+            self.stream = None  # reopened by FileHandler.emit
         if self.path.exists() and self.path.stat().st_size:
             target = self.path.with_name(f"{self.path.name}.{self.day.isoformat()}")
             n = 0
@@ -395,7 +400,8 @@ class _AccessLog(logging.Filter):
             "ip": host if host != "-" else None,
             "user_agent": agent[:200] if agent != "-" else None,
         }
-        if status == "101" or path.startswith(QUIET_PATHS):
+        # 101: the socket's own lines follow; "-": the client went before the response.
+        if status in ("101", "-") or path.startswith(QUIET_PATHS):
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
         return True
 

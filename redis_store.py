@@ -306,6 +306,7 @@ class RedisStore(SessionStore):
         history_size: int,
         idle_ms: int,
         ttl_ms: int,
+        fail_closed: bool = False,
     ) -> None:
         self.client = client
         self.cluster = isinstance(client, redis.cluster.RedisCluster)
@@ -315,7 +316,9 @@ class RedisStore(SessionStore):
         self._ttl_ms = ttl_ms
         self._shas = {name: _sha1(body) for name, body in SCRIPTS.items()}
         self.writer = GroupCommit(self._execute, dispatch, abandon_on_cancel=True)
-        self.limiter = RedisLimiter(client)
+        # Test fix: RATE_LIMIT_FAIL_CLOSED never reached the limiter, which always failed open
+        # (tests/test_limiter.py::test_redis_down_fails_open_or_closed).
+        self.limiter = RedisLimiter(client, fail_closed=fail_closed)
         # Subscriptions: the trio side says what it wants; the listener thread
         # makes it so and reports what is confirmed.
         self._lock = threading.Lock()
@@ -340,6 +343,7 @@ class RedisStore(SessionStore):
         history_size: int,
         idle_ms: int,
         ttl_ms: int,
+        fail_closed: bool = False,
     ) -> AsyncIterator[RedisStore]:
         """Connect (lazily: Redis may be down at start-up) and run the writer and listener."""
         options: dict[str, Any] = {
@@ -356,7 +360,9 @@ class RedisStore(SessionStore):
             client = await trio.to_thread.run_sync(lambda: redis.cluster.RedisCluster.from_url(url, **options))
         else:
             client = redis.Redis.from_url(url, **options)
-        store = cls(client, dispatch, history_size=history_size, idle_ms=idle_ms, ttl_ms=ttl_ms)
+        store = cls(
+            client, dispatch, history_size=history_size, idle_ms=idle_ms, ttl_ms=ttl_ms, fail_closed=fail_closed
+        )
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(store.writer.run)
@@ -379,7 +385,11 @@ class RedisStore(SessionStore):
             pipe = self.client.pipeline(transaction=False)
             for op in todo:
                 script: _Script = op.payload
-                pipe.evalsha(self._shas[script.name], len(script.keys), *script.keys, *script.args)
+                # Test fix: redis-py blocks `pipe.evalsha` on a cluster pipeline (a
+                # RedisClusterException that killed the writer, and the server, at the
+                # first create: tests/test_redis.py::test_two_instances_...[cluster]).
+                # The plain command is routed by its keys' slot; on one Redis it is the same.
+                pipe.execute_command("EVALSHA", self._shas[script.name], len(script.keys), *script.keys, *script.args)
             try:
                 results = pipe.execute(raise_on_error=False)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
@@ -478,6 +488,11 @@ class RedisStore(SessionStore):
             raise ClientError("not a member of that session", ErrorCode.NOT_IN_SESSION)
         if result == 1:
             self._dispatch(Ended(code, None))
+            # Test fix: an ended session's entry in the expiry index stayed
+            # until its deadline (tests/test_relay.py::test_leave_..._ends_the_session[redis]).
+            # Drop it now; if Redis fails here the sweeper drops it at the deadline.
+            with contextlib.suppress(ServerError):
+                await self._call_in_thread(self.client.zrem, expiry_bucket(code), code)
         return bool(result == 1)
 
     async def disconnect(self, code: str, client_id: str, conn_id: str, now: int) -> None:
@@ -511,6 +526,10 @@ class RedisStore(SessionStore):
 
     async def check(self) -> None:
         await self._call_in_thread(self.client.ping)
+        with self._lock:
+            listening = self.healthy or not self._wanted
+        if not listening:
+            raise unavailable("the pub/sub listener is reconnecting")
 
     async def history(self, code: str, after: int) -> tuple[StoredMessage, ...]:
         result = await self._run("history", code, after)
@@ -713,8 +732,16 @@ class RedisStore(SessionStore):
                 continue
             if kind != "smessage":
                 continue
+            name = message["channel"].decode()
+            if name not in self._confirmed:
+                # Test fix: an event read after SUNSUBSCRIBE was sent, or before the
+                # newest SSUBSCRIBE of its channel was confirmed, belongs to an earlier
+                # subscription; delivered, it reached a member that joined since (a
+                # stale `session:presence` in tests/test_redis.py::test_two_instances_...).
+                # A join or resume waits for the confirmation, so it needs none of them.
+                continue
             self.stats.received += 1
-            code = _code_of(message["channel"].decode())
+            code = _code_of(name)
             what, exclude, seq, payload = message["data"].split(b"|", 3)
             if what == b"b":
                 self._dispatch(Broadcast(code, payload.decode(), exclude.decode() or None, int(seq)))

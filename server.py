@@ -26,6 +26,7 @@ from pathlib import Path
 
 import hypercorn.config
 import hypercorn.trio
+import redis
 import trio
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -35,6 +36,8 @@ from starlette.types import Scope
 from starlette.websockets import WebSocket
 
 import config as config_module
+import database
+import health
 import hypercorn_fixes
 import logging_setup
 import protocol
@@ -218,7 +221,11 @@ class Connection:
         hub = self.tandem.hub
         hub.add(self)
         opened = time.monotonic()
-        log.info("connection.open", extra={"fields": {"conn": self.id}})
+        bound = logging_setup.bind(self)  # `conn` and `session` on every line this connection's work logs
+        self.tandem.metrics.connections_opened.inc()
+        peer = self.ws.client.host if self.ws.client else None
+        log.info("connection.open", extra={"fields": {"conn": self.id, "ip": peer}})
+        self.tandem.archive.event("connection.opened", None, now_ms())
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer)
@@ -242,6 +249,19 @@ class Connection:
                     }
                 },
             )
+            self.tandem.metrics.closed(int(self.close_code or 1006))
+            self.tandem.archive.event(
+                "connection.closed",
+                None,
+                now_ms(),
+                {
+                    "code": int(self.close_code or 1006),
+                    "duration_ms": round((time.monotonic() - opened) * 1000),
+                    "messages_in": self.messages_in,
+                    "messages_out": self.messages_out,
+                },
+            )
+            logging_setup.unbind(bound)
 
     async def _leave_hub(self) -> None:
         code, client_id = self.code, self.client_id
@@ -272,6 +292,7 @@ class Connection:
                 except protocol.FrameRejected as exc:
                     self.close(exc.close_code)
                 except protocol.TandemError as exc:
+                    self.tandem.metrics.error(exc)
                     self.push(protocol.serialize(protocol.error_frame(exc, request.id if request else None)))
                     if isinstance(exc, protocol.ClientError):
                         errors_in_row += 1
@@ -317,17 +338,24 @@ class Connection:
         return self.code, self.client_id
 
     async def _send_message(self, request: protocol.SendMessage) -> None:
+        started = time.perf_counter()
         code, client_id = self._membership()
         limits = self.tandem.message_limits(client_id, self.ip_key)
-        seq = await self.store.append(code, client_id, self.id, request.data, now_ms(), limits)
+        now = now_ms()
+        seq = await self.store.append(code, client_id, self.id, request.data, now, limits)
         self.messages_in += 1
         self.push(protocol.serialize(protocol.MessageAck(request.id, seq)))
+        self.tandem.archive.message(code, seq, client_id, request.data, now)
+        metrics = self.tandem.metrics  # the hot path: one counter, one histogram
+        metrics.messages.inc()
+        metrics.message_seconds.observe(time.perf_counter() - started)
 
     async def _create(self, request: protocol.CreateSession) -> None:
         self._require_no_session()
         client_id, token = secrets.token_urlsafe(9), secrets.token_urlsafe(32)
         length = self.config.code_length
-        created = await self.store.create(partial(new_code, length), client_id, token_hash(token), self.id, now_ms())
+        now = now_ms()
+        created = await self.store.create(partial(new_code, length), client_id, token_hash(token), self.id, now)
         self.tandem.hub.attach(self, created.code, client_id)
         try:
             await self.store.watch(created.code)  # before anyone can know the code
@@ -338,6 +366,8 @@ class Connection:
             protocol.serialize(protocol.SessionCreated(request.id, created.code, client_id, token, created.expires_at))
         )
         log.info("session.created", extra={"fields": {"conn": self.id, "session": created.code}})
+        self.tandem.archive.session_created(created.code, now)
+        self.tandem.metrics.session_events["created"].inc()
 
     async def _join(self, request: protocol.JoinSession) -> None:
         self._require_no_session()
@@ -354,6 +384,8 @@ class Connection:
         except BaseException as exc:
             self.held = None
             self.tandem.hub.detach(self)
+            if isinstance(exc, protocol.TandemError):
+                self.tandem.archive.event("session.join_failed", request.code, now_ms(), {"error": str(exc.code)})
             if failures is not None and isinstance(exc, protocol.ClientError):
                 await self.tandem.limiter.record(failures, self.ip_key)
             raise
@@ -361,6 +393,8 @@ class Connection:
         self._release(reply, joined.backlog, joined.last_seq)
         if len(joined.clients) == 2:
             log.info("session.paired", extra={"fields": {"conn": self.id, "session": request.code}})
+            self.tandem.archive.session_paired(request.code, now_ms())
+            self.tandem.metrics.session_events["paired"].inc()
 
     async def _resume(self, request: protocol.ResumeSession) -> None:
         self._require_no_session()
@@ -370,10 +404,13 @@ class Connection:
             resumed = await self.store.resume(
                 request.code, request.client_id, token_hash(request.token), self.id, request.last_seq, now_ms()
             )
-        except BaseException:
+        except BaseException as exc:
             self.held = None
             self.tandem.hub.detach(self)
+            if isinstance(exc, protocol.TandemError):
+                self.tandem.archive.event("session.resume_failed", request.code, now_ms(), {"error": str(exc.code)})
             raise
+        self.tandem.archive.event("session.resumed", request.code, now_ms(), {"recovered": resumed.recovered})
         reply = protocol.SessionResumed(
             request.id, request.code, request.client_id, resumed.clients, resumed.last_seq, resumed.recovered
         )
@@ -405,6 +442,10 @@ class Connection:
         self.push(protocol.serialize(protocol.SessionLeft(request.id, code)))
         if ended:
             log.info("session.ended", extra={"fields": {"conn": self.id, "session": code, "reason": "left"}})
+            self.tandem.archive.session_ended(code, "left", now_ms())
+            self.tandem.metrics.session_events["ended"].inc()
+        else:
+            self.tandem.archive.event("session.left", code, now_ms())
 
 
 # --- the application ------------------------------------------------------------
@@ -416,9 +457,14 @@ class Tandem:
     def __init__(self, config: Config, hub: Hub, store: SessionStore) -> None:
         self.config = config
         self.hub = hub
-        self.store = store
+        self.metrics = health.Metrics(lambda: len(hub.connections))
+        # Timed in place: the store keeps its class and its other methods.
+        self.store = health.instrument_store(store, self.metrics, "redis" if config.redis_url else "sqlite")
+        self.health = health.Health(config, self.metrics, self.store)
+        self.health.readiness.add(health.Check("store", self.store.check))
         self.limiter: Limiter = store.limiter
         self.limits = limits_from_config(config)
+        self.archive: database.Recorder = database.NO_ARCHIVE  # lifespan sets it when DATABASE_URL is set
         self.draining = False
 
     def message_limits(self, client_id: str, ip_key: str) -> list[LimitKey]:
@@ -498,6 +544,7 @@ def create_app(tandem: Tandem) -> Starlette:
         if rule is not None:
             decision = await tandem.limiter.hit(rule, ip_key(client_ip(request.scope, trusted)))
             if not decision.allowed:
+                tandem.metrics.rate_limited(rule.name)
                 return too_many(rule, decision)
             headers = decision.headers(rule)
         config = tandem.config
@@ -518,12 +565,14 @@ def create_app(tandem: Tandem) -> Starlette:
 
     async def websocket_endpoint(ws: WebSocket) -> None:
         if tandem.draining:
+            tandem.metrics.refused(ErrorCode.UNAVAILABLE)
             await ws.send_denial_response(
                 _error_response(503, ErrorCode.UNAVAILABLE, "server is restarting", {"Retry-After": "1"})
             )
             return
         origin = ws.headers.get("origin")
         if allowed and (origin is None or origin.rstrip("/").lower() not in allowed):
+            tandem.metrics.refused(ErrorCode.UNAUTHORIZED)
             await ws.send_denial_response(_error_response(403, ErrorCode.UNAUTHORIZED, "origin not allowed"))
             return
         ipk = ip_key(client_ip(ws.scope, trusted))
@@ -531,19 +580,12 @@ def create_app(tandem: Tandem) -> Starlette:
         if connections is not None:
             decision = await tandem.limiter.hit(connections, ipk)
             if not decision.allowed:
+                tandem.metrics.rate_limited(connections.name)
                 await ws.send_denial_response(too_many(connections, decision))
                 return
         offered = ws.scope.get("subprotocols") or []
         await ws.accept(protocol.SUBPROTOCOL if protocol.SUBPROTOCOL in offered else None)
         await Connection(ws, tandem, ipk).run()
-
-    async def live(request: Request) -> Response:
-        return JSONResponse({"status": "pass"})
-
-    async def ready(request: Request) -> Response:
-        if tandem.draining:
-            return JSONResponse({"status": "fail", "output": "draining"}, 503)
-        return JSONResponse({"status": "pass"})
 
     async def index(request: Request) -> Response:
         return FileResponse(STATIC_DIR / "index.html")
@@ -553,8 +595,7 @@ def create_app(tandem: Tandem) -> Starlette:
             WebSocketRoute("/ws", websocket_endpoint),
             Route("/", index),
             Route("/api/info", api_info),
-            Route("/health/live", live),
-            Route("/health/ready", ready),
+            *tandem.health.routes(),  # /health/live, /health/ready, /metrics
         ]
     )
 
@@ -570,32 +611,51 @@ def hypercorn_config(config: Config) -> hypercorn.config.Config:
     # that are over the limit anyway. Tandem checks the exact byte count.
     hc.websocket_max_message_size = config.max_message_bytes
     hc.graceful_timeout = max(0.5, config.shutdown_grace * 0.1)
-    hc.accesslog = None
-    hc.errorlog = logging.getLogger("hypercorn.error")  # through the JSON formatter
+    hc.accesslog = logging.getLogger("hypercorn.access")  # both through logging_setup's pipeline
+    hc.errorlog = logging.getLogger("hypercorn.error")
     return hc
 
 
 async def _sweeper(tandem: Tandem) -> None:
+    failing = False  # log a failing store once per outage, not once per tick
     while True:
         await trio.sleep(tandem.config.sweep_interval)
         try:
             expired = await tandem.store.sweep(now_ms())
         except protocol.TandemError as exc:
-            log.warning("sweep.failed", extra={"fields": {"error": exc.message}})
+            if not failing:
+                log.warning("sweep.failed", extra={"fields": {"error": exc.message}})
+            failing = True
             continue
+        if failing:
+            log.info("sweep.recovered")
+            failing = False
         for code, reason in expired:
             log.info("session.expired", extra={"fields": {"session": code, "reason": reason}})
+            tandem.archive.session_ended(code, reason, now_ms())
+            tandem.metrics.session_events["expired"].inc()
 
 
 async def _drain_on_signal(tandem: Tandem) -> None:
-    """Hypercorn's shutdown trigger: returns once the drain is done."""
+    """Hypercorn's shutdown trigger: returns once the drain is done.
+
+    Readiness fails first; PRE_DRAIN_DELAY later (a second signal cuts it
+    short), when load balancers have stopped sending clients, the drain starts.
+    """
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             log.info("shutdown.start", extra={"fields": {"signal": signal.Signals(signum).name}})
             break
+        tandem.health.stop()
+        started = time.monotonic()
+        if tandem.config.pre_drain_delay > 0:
+            with trio.move_on_after(tandem.config.pre_drain_delay):
+                async for _ in signals:
+                    break
+    pre_drain = time.monotonic() - started
     tandem.draining = True
     tandem.hub.close_all(CloseCode.SERVICE_RESTART)
-    with trio.move_on_after(tandem.config.shutdown_grace * 0.8) as scope:
+    with trio.move_on_after(max(0.1, tandem.config.shutdown_grace * 0.8 - pre_drain)) as scope:
         await tandem.hub.all_closed.wait()
     log.info(
         "shutdown.drained", extra={"fields": {"open": len(tandem.hub.connections), "timed_out": scope.cancelled_caught}}
@@ -616,6 +676,7 @@ async def open_store(config: Config, hub: Hub) -> AsyncIterator[SessionStore]:
             history_size=config.history_size,
             idle_ms=idle_ms,
             ttl_ms=ttl_ms,
+            fail_closed=config.rate_limit_fail_closed,  # test fix: it was never passed on
         ) as store:
             hub.unwatch = store.unwatch
             yield store
@@ -635,10 +696,15 @@ async def open_store(config: Config, hub: Hub) -> AsyncIterator[SessionStore]:
 async def lifespan(config: Config) -> AsyncIterator[Tandem]:
     """Open the store and the background tasks; close them in reverse order."""
     hub = Hub()
-    async with open_store(config, hub) as store:
+    # The archive (PostgreSQL, when DATABASE_URL is set) outlives the store and is flushed last.
+    async with database.open_archive(config) as archive, open_store(config, hub) as store:
         tandem = Tandem(config, hub, store)
+        tandem.archive = archive
+        if config.database_url is not None:
+            tandem.health.readiness.add(health.Check("database", archive.check))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_sweeper, tandem)
+            nursery.start_soon(tandem.health.run)
             yield tandem
             nursery.cancel_scope.cancel()
 
@@ -666,11 +732,16 @@ def main() -> int:
         return 2
     pipeline = logging_setup.setup(config)
     try:
+        if sys.argv[1:] == ["migrate"]:  # apply sql/ to DATABASE_URL and exit
+            return database.migrate_command(config)
+        if sys.argv[1:]:
+            print("usage: python server.py [migrate]", file=sys.stderr)
+            return 2
         hypercorn_fixes.install()
         gc.set_threshold(50_000, 20, 20)
         try:
             trio.run(run, config)
-        except (OSError, RuntimeError) as exc:
+        except (OSError, RuntimeError, redis.RedisError) as exc:
             log.critical("server.failed", extra={"fields": {"error": str(exc)}})
             return 1
         return 0

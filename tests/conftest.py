@@ -3,30 +3,47 @@
 `tandem` starts `python server.py` as a subprocess with a private DATA_DIR and
 waits until it listens; a server that does not come up fails the test with its
 own output. `Client` wraps a trio-websocket connection with JSON helpers.
+
+The session store is the `store` fixture: "sqlite" (DATA_DIR) unless a module
+parametrises it: `pytestmark = pytest.mark.parametrize("store", STORES,
+indirect=True)` runs each test once per store ("redis": the shared Redis at
+SHARED_REDIS_URL, which must answer PING, else the test fails).
+`stored` and `assert_no_trace` look into whichever store a server uses.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+import redis
+import redis.cluster
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
 ROOT = Path(__file__).resolve().parent.parent
 RECEIVE_TIMEOUT = 5.0
 START_TIMEOUT = 15.0
+# The Redis every developer and CI runs; tests that stop, restart or cluster
+# Redis start their own (tests/redis_servers.py).
+SHARED_REDIS_URL = "redis://127.0.0.1:6379/0"
+STORES = ["sqlite", "redis"]
+# How long a store may take to drop what an ended session left: the sweeper
+# updates the expiry index right after the members were told.
+TRACE_WAIT = 3.0
 
 
 def free_port() -> int:
@@ -108,9 +125,34 @@ class Server:
 ServerFactory = Callable[..., Server]
 
 
+def check_redis(url: str) -> None:
+    """Fail the test (never skip it) unless the Redis at `url` answers PING."""
+    client = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        pytest.fail(f"the Redis store tests need a Redis at {url} (start redis-server): {exc!r}")
+    finally:
+        client.close()
+
+
 @pytest.fixture
-def tandem_factory(tmp_path: Path) -> Iterator[ServerFactory]:
-    """Start servers: `tandem_factory(SETTING="value", data_dir=...)`."""
+def store(request: pytest.FixtureRequest) -> str:
+    """The session store of the servers a test starts: "sqlite" (default) or "redis"."""
+    kind = str(getattr(request, "param", "sqlite"))
+    assert kind in STORES, kind
+    if kind == "redis":
+        check_redis(SHARED_REDIS_URL)
+    return kind
+
+
+@pytest.fixture
+def tandem_factory(tmp_path: Path, store: str) -> Iterator[ServerFactory]:
+    """Start servers: `tandem_factory(SETTING="value", data_dir=...)`.
+
+    With the "redis" store a server gets REDIS_URL=SHARED_REDIS_URL unless
+    `settings` name another Redis.
+    """
     servers: list[Server] = []
     counter = itertools.count()
 
@@ -118,6 +160,8 @@ def tandem_factory(tmp_path: Path) -> Iterator[ServerFactory]:
         n = next(counter)
         # Rate limits are off unless a test turns them on: the suite sends more than 10 messages a minute.
         env = {"LOG_LEVEL": "INFO", "RATE_LIMIT_ENABLED": "0", **{k: str(v) for k, v in settings.items()}}
+        if store == "redis":
+            env.setdefault("REDIS_URL", SHARED_REDIS_URL)
         server = Server(env, data_dir or tmp_path / "data", tmp_path / f"server-{n}.log")
         servers.append(server)
         return server.start()
@@ -130,6 +174,85 @@ def tandem_factory(tmp_path: Path) -> Iterator[ServerFactory]:
 @pytest.fixture
 def tandem(tandem_factory: ServerFactory) -> Server:
     return tandem_factory()
+
+
+# --- what a store holds of a session, whichever store it is --------------------------
+
+
+def uses_redis_cluster(server: Server) -> bool:
+    return server.env.get("REDIS_CLUSTER", "0").lower() in ("1", "true", "yes", "on")
+
+
+def redis_client(server: Server) -> redis.Redis | redis.cluster.RedisCluster:
+    """A client of the Redis (or Redis Cluster) that `server` uses."""
+    url = server.env["REDIS_URL"]
+    if uses_redis_cluster(server):
+        return redis.cluster.RedisCluster.from_url(url, socket_timeout=2.0)
+    return redis.Redis.from_url(url, socket_timeout=2.0)
+
+
+def stored(server: Server, code: str) -> dict[str, int]:
+    """What the server's store holds of session `code`: sessions, members, messages."""
+    if "REDIS_URL" not in server.env:
+        return _sqlite_rows(server, [code])
+    from redis_store import session_keys
+
+    session, history, _channel = session_keys(code)
+    client = redis_client(server)
+    try:
+        fields: list[bytes] = client.hkeys(session)  # type: ignore[assignment]
+        return {
+            "sessions": int(client.exists(session)),
+            "members": sum(1 for f in fields if f.startswith(b"m:")),
+            "messages": int(client.llen(history)),
+        }
+    finally:
+        client.close()
+
+
+def traces(server: Server, codes: Iterable[str]) -> list[str]:
+    """Everything the server's store still holds of the sessions `codes`; [] when nothing."""
+    wanted = sorted(set(codes))
+    if "REDIS_URL" not in server.env:
+        return [f"{n} rows in {table}" for table, n in _sqlite_rows(server, wanted).items() if n]
+    from redis_store import expiry_bucket
+
+    found: list[str] = []
+    client = redis_client(server)
+    try:
+        for code in wanted:
+            # Every key of a session carries its hash tag: any such key left is a leak.
+            keys = client.scan_iter(match=f"tandem:{{{code}}}:*", count=1000)
+            found += [f"key {key.decode()}" for key in keys]
+            if client.zscore(expiry_bucket(code), code) is not None:
+                found.append(f"{code} in {expiry_bucket(code)}")
+    finally:
+        client.close()
+    return found
+
+
+def assert_no_trace(server: Server, codes: Iterable[str], within: float = TRACE_WAIT) -> None:
+    """Nothing of the sessions `codes` is left in the server's store (waiting up to `within` s)."""
+    wanted = list(codes)
+    deadline = time.monotonic() + within
+    left = traces(server, wanted)
+    for _ in range(1000):
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+        left = traces(server, wanted)
+    assert left == [], f"still stored of {wanted}: {left}"
+
+
+def _sqlite_rows(server: Server, codes: list[str]) -> dict[str, int]:
+    """Rows per table that mention any of `codes`, read from DATA_DIR/tandem.sqlite3 read-only."""
+    marks = ",".join("?" * len(codes))
+    path = server.data_dir / "tandem.sqlite3"
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        return {
+            table: int(db.execute(f"SELECT count(*) FROM {table} WHERE code IN ({marks})", codes).fetchone()[0])
+            for table in ("sessions", "members", "messages")
+        }
 
 
 class Client:

@@ -2,22 +2,22 @@
 
 Every test talks to a real server process over real WebSockets and asserts
 what a client can observe: replies, events, close codes, HTTP refusals, and
-(for "nothing stays behind") the rows left in DATA_DIR/tandem.sqlite3.
+(for "nothing stays behind") what the store still holds. Every test runs
+once per session store (`store` in conftest.py): SQLite and Redis.
 """
 
 from __future__ import annotations
 
-import contextlib
-import sqlite3
 import time
-from collections.abc import Iterable
 from typing import Any
 
 import orjson
 import pytest
 import trio
-from conftest import Client, Server, ServerFactory, connect, paired
+from conftest import STORES, Client, Server, ServerFactory, assert_no_trace, connect, paired, stored
 from trio_websocket import ConnectionClosed, ConnectionRejected
+
+pytestmark = pytest.mark.parametrize("store", STORES, indirect=True)
 
 CODE_CHARS = frozenset("0123456789ABCDEFGHJKMNPQRSTVWXYZ")
 DATA_KINDS: list[Any] = [
@@ -120,22 +120,6 @@ async def resume(client: Client, creds: dict[str, Any], last_seq: int) -> dict[s
         token=creds["token"],
         last_seq=last_seq,
     )
-
-
-def rows_for(server: Server, codes: Iterable[str]) -> dict[str, int]:
-    """Rows per table that still mention any of `codes`, read from the store file read-only."""
-    wanted = sorted(set(codes))
-    marks = ",".join("?" * len(wanted))
-    path = server.data_dir / "tandem.sqlite3"
-    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-        return {
-            table: int(db.execute(f"SELECT count(*) FROM {table} WHERE code IN ({marks})", wanted).fetchone()[0])
-            for table in ("sessions", "members", "messages")
-        }
-
-
-def assert_no_rows(server: Server, codes: Iterable[str]) -> None:
-    assert rows_for(server, codes) == {"sessions": 0, "members": 0, "messages": 0}
 
 
 def send_frame_of_bytes(size: int) -> str:
@@ -390,7 +374,7 @@ async def test_leave_notifies_the_peer_and_the_last_leave_ends_the_session(tande
         assert left["type"] == "session:left" and left["code"] == code, left
         await expect_error(c, {"type": "session:join", "id": "late", "code": code}, "not_found", "late")
         await expect_error(b, {"type": "session:join", "id": "back", "code": code}, "not_found", "back")
-        assert_no_rows(tandem, [code])
+        assert_no_trace(tandem, [code])
         await assert_alive(a)
         assert await a.create()  # a is free again
 
@@ -513,7 +497,7 @@ async def test_idle_session_expires_for_online_members_who_stay_connected(tandem
         await expect_error(a, {"type": "session:leave", "id": 2}, "not_in_session", 2)
         await expect_error(c, {"type": "session:join", "id": 3, "code": code}, "not_found", 3)
         await expect_error(b, {"type": "session:join", "id": 4, "code": code}, "not_found", 4)
-        assert_no_rows(server, [code])
+        assert_no_trace(server, [code])
 
         fresh = await b.create()  # the socket stayed open and is free for a new session
         assert fresh["code"] != code
@@ -563,7 +547,7 @@ async def test_session_expires_at_its_ttl_even_while_active(tandem_factory: Serv
 
         await expect_error(a, {"type": "message:send", "id": "after", "data": 1}, "not_in_session", "after")
         await expect_error(c, {"type": "session:join", "id": "j", "code": code}, "not_found", "j")
-        assert_no_rows(server, [code])
+        assert_no_trace(server, [code])
         assert await a.create()
 
 
@@ -573,13 +557,13 @@ async def test_session_with_nobody_connected_still_expires(tandem_factory: Serve
         created = await a.create()
         assert await a.message({"stored": True}) == 1
     code = created["code"]
-    assert rows_for(server, [code]) == {"sessions": 1, "members": 1, "messages": 1}
+    assert stored(server, code) == {"sessions": 1, "members": 1, "messages": 1}
 
     for _ in range(50):  # the sweeper removes it although nobody is there to tell
-        if not rows_for(server, [code])["sessions"]:
+        if not stored(server, code)["sessions"]:
             break
         await trio.sleep(0.1)
-    assert_no_rows(server, [code])
+    assert_no_trace(server, [code])
 
     async with connect(server) as a2:
         frame = {"type": "session:resume", "id": "r", "last_seq": 0}

@@ -1,0 +1,140 @@
+"""Figure 7: read a py-spy raw profile (collapsed stacks) of a server and say where its CPU went.
+
+`py-spy record --format raw` writes one line per distinct stack: frames from the
+root, `function (file:line)` joined by `;`, then a sample count. Only samples
+of threads that were running are kept (py-spy's default drops idle ones).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
+
+# The component that a leaf frame's file belongs to: the first prefix that matches.
+COMPONENTS: tuple[tuple[str, str], ...] = (
+    ("wsproto/", "wsproto (WebSocket framing)"),
+    ("hypercorn/", "hypercorn (ASGI server)"),
+    ("h11/", "h11 (HTTP)"),
+    ("starlette/", "starlette"),
+    ("trio_websocket/", "trio-websocket"),
+    ("trio/", "trio (scheduler, sockets, channels, threads)"),
+    ("outcome/", "trio (scheduler, sockets, channels, threads)"),
+    ("redis/", "redis-py (client, parser)"),
+    ("session_store.py", "Tandem store (incl. SQLite calls)"),
+    ("redis_store.py", "Tandem store (incl. SQLite calls)"),
+    ("server.py", "Tandem server.py"),
+    ("protocol.py", "Tandem protocol.py (incl. orjson)"),
+    ("limiter.py", "Tandem limiter.py"),
+    ("logging_setup.py", "logging"),
+    ("logging/", "logging"),
+    ("threading.py", "threads (stdlib)"),
+    ("queue.py", "threads (stdlib)"),
+    ("socket.py", "sockets (stdlib)"),
+    ("selectors.py", "sockets (stdlib)"),
+    ("<frozen", "import machinery"),
+)
+
+
+@dataclass
+class Profile:
+    samples: int = 0
+    stacks: list[tuple[list[tuple[str, str, str]], int]] = field(default_factory=list)
+
+    @classmethod
+    def read(cls, path: Path) -> Profile:
+        profile = cls()
+        for raw in path.read_text(errors="replace").splitlines():
+            stack_text, _, count_text = raw.rpartition(" ")
+            if not stack_text or not count_text.isdigit():
+                continue
+            frames = []
+            for part in stack_text.split(";"):
+                m = _FRAME.match(part.strip())
+                if m:
+                    frames.append((m["func"], _short(m["file"]), m["line"] or ""))
+                else:
+                    frames.append((part.strip(), "", ""))
+            count = int(count_text)
+            profile.samples += count
+            profile.stacks.append((frames, count))
+        return profile
+
+    def threads(self) -> Counter[str]:
+        """Samples by thread role, told from the root of each stack."""
+        roles: Counter[str] = Counter()
+        for frames, count in self.stacks:
+            funcs = {f"{func} ({file})" for func, file, _ in frames}
+            files = " ".join(f for _, f, _ in frames)
+            if "_listen (redis_store.py)" in funcs:
+                roles["Redis listener thread"] += count
+            elif "_thread_cache.py" in files:
+                roles["store writer thread (SQLite / Redis pipeline)"] += count
+            elif any(f.startswith("QueueListener._monitor") or f.startswith("_monitor") for f in funcs):
+                roles["log writer thread"] += count
+            elif "threading.py" in files:
+                roles["other threads"] += count
+            else:
+                roles["event loop (main thread)"] += count
+        return roles
+
+    def components(self) -> Counter[str]:
+        """Samples by the component of the innermost frame (self time)."""
+        out: Counter[str] = Counter()
+        for frames, count in self.stacks:
+            out[component(frames[-1][1]) if frames else "?"] += count
+        return out
+
+    def self_functions(self) -> Counter[str]:
+        out: Counter[str] = Counter()
+        for frames, count in self.stacks:
+            if frames:
+                func, file, _ = frames[-1]
+                out[f"{func} ({file})"] += count
+        return out
+
+    def inclusive_functions(self) -> Counter[str]:
+        """Samples in which a function is on the stack (once per stack)."""
+        out: Counter[str] = Counter()
+        for frames, count in self.stacks:
+            for name in {f"{func} ({file})" for func, file, _ in frames}:
+                out[name] += count
+        return out
+
+    def lines(self, top: int = 12) -> list[str]:
+        """A plain-text summary."""
+        if not self.samples:
+            return ["no samples (py-spy could not attach?)"]
+        pct = 100.0 / self.samples
+        out = [f"{self.samples} samples of running threads"]
+        out.append("by thread: " + ", ".join(f"{k} {v * pct:.0f}%" for k, v in self.threads().most_common()))
+        out.append("self time by component:")
+        out += [f"  {v * pct:5.1f}%  {k}" for k, v in self.components().most_common(top)]
+        out.append("self time by function:")
+        out += [f"  {v * pct:5.1f}%  {k}" for k, v in self.self_functions().most_common(top)]
+        out.append("inclusive time (on the stack), Tandem and stack entry points:")
+        inclusive = [
+            (k, v)
+            for k, v in self.inclusive_functions().most_common()
+            if v * pct < 95 and not k.startswith(("<module>", "run (trio", "main ("))
+        ]
+        out += [f"  {v * pct:5.1f}%  {k}" for k, v in inclusive[: top + 8]]
+        return out
+
+
+def component(file: str) -> str:
+    for prefix, name in COMPONENTS:
+        if file.startswith(prefix) or f"/{prefix}" in file:
+            return name
+    return "other"
+
+
+def _short(file: str) -> str:
+    """py-spy names files by module path (trio/_core/_run.py); absolute ones lose their prefix."""
+    for marker in ("site-packages/", "/lib/python3.11/", "/python3.11/"):
+        if marker in file:
+            return file.split(marker, 1)[1]
+    return file

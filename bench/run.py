@@ -1,0 +1,854 @@
+"""Tandem's benchmarks: one command, one table of figures measured in one run.
+
+    .venv/bin/python -m bench                 # everything, 3 rounds (~12 min)
+    .venv/bin/python -m bench --quick         # smoke run, 1 short round (~2 min)
+    .venv/bin/python -m bench --only 1,3      # some figures
+
+Servers and load generators are child processes on 127.0.0.1 (free ports):
+Tandem (`python server.py`, RATE_LIMIT_ENABLED=0, a temp DATA_DIR), the bare
+relay (bench/bare_relay.py), python-socketio on uvicorn (bench/sio_server.py),
+and a private redis-server. Load comes from `--clients` processes of
+trio-websocket clients (bench/load.py) or Socket.IO clients (bench/sio_load.py).
+Each measurement starts fresh servers, sets up its pairs, warms up, counts a
+window, and stops everything; each figure is the median of `--rounds` rounds,
+its spread the min and max. CPU is read from /proc for every process in the
+window, so each row says how busy the server, Redis and the clients were.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import queue
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from bench.common import (
+    LOOPBACK,
+    PAYLOAD_BYTES,
+    PYTHON,
+    ROOT,
+    Child,
+    clean_env,
+    cpu_seconds,
+    free_port,
+    machine,
+    parse_line,
+    percentile,
+    raise_nofile,
+    rss_kib,
+    spawn,
+)
+from bench.pyspy import Profile
+
+# Bounds on waiting for children.
+READY_TIMEOUT = 120.0
+IDLE_READY_TIMEOUT = 300.0
+RESULT_GRACE = 60.0
+QUIET_LOAD = 0.5
+
+
+@dataclass(frozen=True)
+class Plan:
+    rounds: int = 3
+    warmup: float = 2.0
+    duration: float = 8.0
+    drain: float = 1.0
+    pairs: int = 100
+    clients: int = 2  # load-generator processes
+    rate: float = 2000.0  # messages a second, figure 3
+    idle_connections: int = 10_000
+    idle_clients: int = 2  # processes holding the idle connections
+    profile_seconds: float = 8.0
+
+
+QUICK = Plan(rounds=1, warmup=1.0, duration=3.0, idle_connections=2_000, profile_seconds=3.0)
+ALL_FIGURES = (1, 2, 3, 4, 5, 6, 7)
+
+
+# --- one measurement ---------------------------------------------------------------------
+
+
+@dataclass
+class Measure:
+    name: str
+    duration: float
+    delivered: int = 0
+    acked: int = 0
+    sent: int = 0
+    errors: int = 0
+    closed: int = 0
+    late_sends: int = 0
+    client_cpu_s: float = 0.0
+    cpu_s: dict[str, float] = field(default_factory=dict)  # per watched process
+    latencies_us: list[int] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return self.delivered / self.duration
+
+    def p(self, q: float) -> float:
+        return percentile(self.latencies_us, q) / 1000.0
+
+    def cores(self, *names: str) -> float:
+        return sum(v for k, v in self.cpu_s.items() if not names or k.startswith(names)) / self.duration
+
+    def us_per_msg(self, *names: str) -> float:
+        return sum(v for k, v in self.cpu_s.items() if k.startswith(names)) / max(1, self.delivered) * 1e6
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "msgs_per_s": round(self.rate, 1),
+            "delivered": self.delivered,
+            "acked": self.acked,
+            "sent": self.sent,
+            "errors": self.errors,
+            "closed": self.closed,
+            "late_sends": self.late_sends,
+            "p50_ms": round(self.p(50), 3),
+            "p99_ms": round(self.p(99), 3),
+            "p999_ms": round(self.p(99.9), 3),
+            "max_ms": round(self.p(100), 3),
+            "client_cores": round(self.client_cpu_s / self.duration, 3),
+            "cores": {k: round(v / self.duration, 3) for k, v in self.cpu_s.items()},
+            **self.extra,
+        }
+
+
+class Workers:
+    """Load-generator processes: started, waited for `ready`, sent `go`, read for `result`."""
+
+    def __init__(self, bench: Bench, module: str, configs: list[dict[str, Any]], tag: str) -> None:
+        self.children: list[Child] = []
+        self.lines: queue.Queue[tuple[int, str]] = queue.Queue()
+        for i, config in enumerate(configs):
+            child = spawn(
+                f"{tag}-{i}",
+                [PYTHON, "-m", module, json.dumps(config)],
+                bench.out / "logs" / f"{tag}-{i}.log",
+                env=clean_env(),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+            )
+            self.children.append(child)
+            threading.Thread(target=self._read, args=(i, child), daemon=True).start()
+
+    def _read(self, i: int, child: Child) -> None:
+        assert child.proc.stdout is not None
+        for raw in child.proc.stdout:
+            self.lines.put((i, raw.decode()))
+        self.lines.put((i, ""))  # EOF
+
+    def expect(self, kind: str, timeout: float) -> list[dict[str, Any]]:
+        """The `kind` line of every worker, in worker order."""
+        got: dict[int, dict[str, Any]] = {}
+        deadline = time.monotonic() + timeout
+        while len(got) < len(self.children):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeError(f"workers did not say {kind} within {timeout}s: {self._outputs()}")
+            try:
+                i, line = self.lines.get(timeout=left)
+            except queue.Empty:
+                continue
+            if not line:
+                raise RuntimeError(f"worker {i} exited before {kind}: {self.children[i].output()}")
+            k, body = parse_line(line)
+            if k == kind:
+                got[i] = body
+        return [got[i] for i in range(len(self.children))]
+
+    def tell(self, line: str) -> None:
+        for child in self.children:
+            if child.alive() and child.proc.stdin is not None:
+                with contextlib.suppress(BrokenPipeError, OSError):
+                    child.proc.stdin.write(f"{line}\n".encode())
+                    child.proc.stdin.flush()
+
+    def stop(self) -> None:
+        for child in self.children:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.proc.wait(15)
+            child.stop(5)
+
+    def _outputs(self) -> str:
+        return "\n".join(f"[{c.name}] {c.output(1500)}" for c in self.children)
+
+
+def split(total: int, parts: int) -> list[int]:
+    parts = max(1, min(parts, total))
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+# --- the bench ---------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, plan: Plan, out: Path) -> None:
+        self.plan = plan
+        self.out = out
+        self.children: list[Child] = []
+        self.redis: Child | None = None
+        self.redis_url = ""
+        self.redis_version = ""
+        self.seed = 0
+
+    # -- servers --
+
+    def _server(self, child: Child) -> Child:
+        self.children.append(child)
+        return child.wait_listening()
+
+    def tandem(self, name: str, redis: bool = False) -> Child:
+        port = free_port()
+        data = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.out))
+        settings = {"HOST": LOOPBACK, "PORT": str(port), "DATA_DIR": str(data / "data"), "RATE_LIMIT_ENABLED": "0"}
+        if redis:
+            settings["REDIS_URL"] = self.redis_url
+        child = spawn(
+            name,
+            [PYTHON, str(ROOT / "server.py")],
+            self.out / "logs" / f"{name}.log",
+            env=clean_env(**settings),
+            cwd=data,
+            port=port,
+        )
+        return self._server(child)
+
+    def bare(self) -> Child:
+        port = free_port()
+        child = spawn(
+            "bare",
+            [PYTHON, str(ROOT / "bench" / "bare_relay.py")],
+            self.out / "logs" / "bare.log",
+            env=clean_env(PORT=str(port)),
+            port=port,
+        )
+        return self._server(child)
+
+    def socketio(self) -> Child:
+        port = free_port()
+        child = spawn(
+            "socketio",
+            [PYTHON, str(ROOT / "bench" / "sio_server.py"), str(port), self.redis_url],
+            self.out / "logs" / "socketio.log",
+            env=clean_env(),
+            port=port,
+        )
+        return self._server(child)
+
+    def start_redis(self) -> None:
+        if self.redis is not None:
+            return
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not on PATH (figures 2, 3, 5 and 6 need it)")
+        port = free_port()
+        directory = self.out / "redis"
+        directory.mkdir(parents=True, exist_ok=True)
+        args = [
+            binary,
+            "--bind",
+            LOOPBACK,
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--dir",
+            str(directory),
+            "--protected-mode",
+            "no",
+            "--daemonize",
+            "no",
+        ]
+        self.redis = spawn("redis", args, self.out / "logs" / "redis.log", port=port).wait_listening()
+        self.redis_url = f"redis://{LOOPBACK}:{port}/0"
+        with contextlib.closing(self.redis_client()) as client:
+            self.redis_version = str(client.info("server").get("redis_version", "?"))
+
+    def redis_client(self) -> redis.Redis:
+        assert self.redis is not None
+        return redis.Redis(host=LOOPBACK, port=self.redis.port, socket_timeout=30, socket_connect_timeout=5)
+
+    def flush_redis(self) -> None:
+        """Start each measurement on an empty Redis (the private one: nobody else's data)."""
+        with contextlib.closing(self.redis_client()) as client:
+            client.flushall()
+
+    def stop(self, *children: Child) -> None:
+        for child in children:
+            child.stop()
+            if child in self.children:
+                self.children.remove(child)
+
+    def close(self) -> None:
+        for child in reversed(self.children):
+            child.stop(5)
+        self.children.clear()
+        if self.redis is not None:
+            self.redis.stop(5)
+            self.redis = None
+
+    # -- load --
+
+    def _configs(self, mode: str, urls: list[str], pairs: int, processes: int, **extra: Any) -> list[dict[str, Any]]:
+        p = self.plan
+        configs = []
+        for n in split(pairs, processes):
+            self.seed += 1
+            config = {"mode": mode, "urls": urls, "pairs": n, "warmup": p.warmup, "duration": p.duration}
+            configs.append({**config, "drain": p.drain, "seed": self.seed, **extra})
+        return configs
+
+    def measure(
+        self,
+        name: str,
+        watch: dict[str, Child],
+        workers: Workers,
+        before_go: Callable[[], None] | None = None,
+        at_window: Callable[[], None] | None = None,
+    ) -> Measure:
+        """Wait for the workers to be ready, start them together, read CPU over the window, collect."""
+        p = self.plan
+        ready = workers.expect("ready", READY_TIMEOUT)
+        if before_go is not None:
+            before_go()
+        t0 = time.monotonic_ns() + 300_000_000
+        workers.tell(f"go {t0}")
+        start, end = t0 + int(p.warmup * 1e9), t0 + int((p.warmup + p.duration) * 1e9)
+        time.sleep(max(0.0, (start - time.monotonic_ns()) / 1e9))
+        cpu0 = {k: cpu_seconds(c.pid) for k, c in watch.items()}
+        if at_window is not None:
+            at_window()
+        time.sleep(max(0.0, (end - time.monotonic_ns()) / 1e9))
+        cpu1 = {k: cpu_seconds(c.pid) for k, c in watch.items()}
+        results = workers.expect("result", p.drain + RESULT_GRACE)
+        workers.stop()
+        m = Measure(name, p.duration)
+        m.cpu_s = {k: cpu1[k] - cpu0[k] for k in watch}
+        for r in results:
+            m.delivered += r["delivered"]
+            m.acked += r["acked"]
+            m.sent += r["sent"]
+            m.errors += r["errors"]
+            m.closed += r["closed"]
+            m.late_sends += r["late_sends"]
+            m.client_cpu_s += r["cpu_s"]
+            m.latencies_us.extend(r["latencies_us"])
+        m.latencies_us.sort()
+        m.extra["setup_s"] = max(r["setup_s"] for r in ready)
+        m.extra["pairs"] = sum(r["pairs"] for r in ready)
+        m.extra["failed_pairs"] = sum(r.get("failed", 0) for r in ready)
+        log(
+            f"  {name}: {m.rate:,.0f} msgs/s, p50 {m.p(50):.2f} ms, p99 {m.p(99):.2f} ms, "
+            f"cores {m.cores():.2f} (+clients {m.client_cpu_s / m.duration:.2f}), errors {m.errors}, closed {m.closed}"
+        )
+        return m
+
+    def throughput(self, kind: str) -> Measure:
+        """Closed loop, `pairs` pairs, as fast as acks allow, against one kind of server."""
+        p = self.plan
+        servers: list[Child] = []
+        watch: dict[str, Child] = {}
+        try:
+            if kind == "bare":
+                servers = [self.bare()]
+            elif kind == "sqlite":
+                servers = [self.tandem("tandem-sqlite")]
+            elif kind in ("redis", "redis2"):
+                self.flush_redis()
+                servers = [self.tandem(f"tandem-redis{i + 1}", redis=True) for i in range(2 if kind == "redis2" else 1)]
+            elif kind == "socketio":
+                self.flush_redis()
+                servers = [self.socketio()]
+            watch = {f"server{i + 1}": s for i, s in enumerate(servers)}
+            if self.redis is not None and kind in ("redis", "redis2", "socketio"):
+                watch["redis"] = self.redis
+            urls = [f"ws://{LOOPBACK}:{s.port}/ws" for s in servers]
+            if kind == "socketio":
+                urls = [f"http://{LOOPBACK}:{s.port}" for s in servers]
+                workers = Workers(self, "bench.sio_load", self._configs("throughput", urls, p.pairs, p.clients), kind)
+            else:
+                workers = Workers(self, "bench.load", self._configs("throughput", urls, p.pairs, p.clients), kind)
+            try:
+                return self.measure(f"throughput {kind}", watch, workers)
+            finally:
+                workers.stop()
+        finally:
+            self.stop(*servers)
+
+    def latency(self, kind: str) -> Measure:
+        """Open loop: `rate` messages a second over `pairs` pairs, both members sending on a schedule."""
+        p = self.plan
+        per_member = p.rate / p.pairs / 2
+        servers: list[Child] = []
+        try:
+            if kind == "sqlite":
+                servers = [self.tandem("tandem-sqlite")]
+            else:
+                self.flush_redis()
+                servers = [self.tandem(f"tandem-redis{i + 1}", redis=True) for i in range(2 if kind == "redis2" else 1)]
+            watch = {f"server{i + 1}": s for i, s in enumerate(servers)}
+            if kind != "sqlite" and self.redis is not None:
+                watch["redis"] = self.redis
+            urls = [f"ws://{LOOPBACK}:{s.port}/ws" for s in servers]
+            workers = Workers(
+                self, "bench.load", self._configs("rate", urls, p.pairs, p.clients, rate=per_member), kind
+            )
+            try:
+                return self.measure(f"latency {kind}", watch, workers)
+            finally:
+                workers.stop()
+        finally:
+            self.stop(*servers)
+
+    def idle(self) -> Measure:
+        """Figure 4: hold `idle_connections` (paired) on one Tandem; RSS per connection; latency of active pairs."""
+        p = self.plan
+        server = self.tandem("tandem-idle")
+        try:
+            time.sleep(1.0)
+            empty = rss_kib(server.pid)
+            url = f"ws://{LOOPBACK}:{server.port}/ws"
+            idle_pairs = max(0, (p.idle_connections - 2 * p.pairs) // 2)
+            configs = self._configs("idle", [url], idle_pairs, p.idle_clients, setup_timeout=IDLE_READY_TIMEOUT - 20)
+            holders = Workers(self, "bench.load", configs, "idle")
+            try:
+                held = holders.expect("ready", IDLE_READY_TIMEOUT)
+                log(
+                    f"  idle: {2 * sum(h['pairs'] for h in held):,} connections in {max(h['setup_s'] for h in held)} s"
+                    f" ({sum(h.get('failed', 0) for h in held)} pairs failed)"
+                )
+                per_member = p.rate / p.pairs / 2
+                active = Workers(
+                    self, "bench.load", self._configs("rate", [url], p.pairs, p.clients, rate=per_member), "active"
+                )
+                rss: dict[str, int] = {}
+
+                def full() -> None:
+                    time.sleep(1.0)
+                    rss["full"] = rss_kib(server.pid)
+
+                try:
+                    m = self.measure("idle + active", {"server1": server}, active, before_go=full)
+                finally:
+                    active.stop()
+                rss["after"] = rss_kib(server.pid)
+                holders.tell("stop")
+                holders.expect("result", RESULT_GRACE)
+            finally:
+                holders.stop()
+            connections = 2 * sum(h["pairs"] for h in held) + 2 * m.extra["pairs"]
+            m.extra.update(
+                connections=connections,
+                rss_empty_kib=empty,
+                rss_full_kib=rss["full"],
+                rss_after_kib=rss["after"],
+                kib_per_connection=round((rss["full"] - empty) / max(1, connections), 2),
+            )
+            log(
+                f"  RSS {empty:,} KiB empty, {rss['full']:,} KiB with {connections:,} connections: "
+                f"{m.extra['kib_per_connection']} KiB each"
+            )
+            return m
+        finally:
+            self.stop(server)
+
+    def idle_bare(self) -> float:
+        """Figure 4's floor: KiB per connection of the bare relay (Hypercorn + Starlette) holding as many."""
+        p = self.plan
+        server = self.bare()
+        try:
+            time.sleep(1.0)
+            empty = rss_kib(server.pid)
+            url = f"ws://{LOOPBACK}:{server.port}/ws"
+            configs = self._configs("idle", [url], p.idle_connections // 2, p.idle_clients)
+            for c in configs:
+                c["setup_timeout"] = IDLE_READY_TIMEOUT - 20
+            holders = Workers(self, "bench.load", configs, "idle-bare")
+            try:
+                held = holders.expect("ready", IDLE_READY_TIMEOUT)
+                time.sleep(1.0)
+                full = rss_kib(server.pid)
+                holders.tell("stop")
+                holders.expect("result", RESULT_GRACE)
+            finally:
+                holders.stop()
+            per = (full - empty) / max(1, 2 * sum(int(h["pairs"]) for h in held))
+            log(f"  bare relay: RSS {empty:,} KiB empty, {full:,} KiB full: {per:.1f} KiB per connection")
+            return per
+        finally:
+            self.stop(server)
+
+    def profile(self, kind: str) -> tuple[Measure, Profile]:
+        """Figure 7: py-spy on Tandem during a throughput run (not one of the measured rounds)."""
+        p = replace(self.plan, duration=self.plan.profile_seconds)
+        spy = shutil.which("py-spy") or str(Path(PYTHON).parent / "py-spy")
+        if not Path(spy).exists():
+            raise RuntimeError("py-spy is not installed (pip install -r bench/requirements.txt)")
+        if kind == "redis":
+            self.flush_redis()
+        server = self.tandem(f"tandem-{kind}-profiled", redis=kind == "redis")
+        raw = self.out / f"profile-{kind}.txt"
+        recorder: list[subprocess.Popen[bytes]] = []
+        try:
+            saved, self.plan = self.plan, p
+            urls = [f"ws://{LOOPBACK}:{server.port}/ws"]
+            workers = Workers(self, "bench.load", self._configs("throughput", urls, p.pairs, p.clients), "profile")
+
+            def record() -> None:
+                args = [
+                    spy,
+                    "record",
+                    "--pid",
+                    str(server.pid),
+                    "--duration",
+                    str(int(p.duration)),
+                    "--rate",
+                    "200",
+                    "--format",
+                    "raw",
+                    "--output",
+                    str(raw),
+                    "--nonblocking",
+                ]
+                with open(self.out / "logs" / "py-spy.log", "ab") as out:
+                    recorder.append(subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT))
+
+            try:
+                m = self.measure(f"profiled {kind}", {"server1": server}, workers, at_window=record)
+            finally:
+                workers.stop()
+                self.plan = saved
+            for proc in recorder:
+                try:
+                    proc.wait(p.duration + 30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+        finally:
+            self.stop(server)
+        return m, Profile.read(raw) if raw.exists() else Profile()
+
+
+# --- figures and the table -----------------------------------------------------------------
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def med(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def spread(values: list[float], fmt: str) -> str:
+    if len(values) < 2:
+        return "(1 run)"
+    return f"{min(values):{fmt}} - {max(values):{fmt}}"
+
+
+def verdict(value: float, target: float, higher_is_better: bool) -> str:
+    if value != value:  # nan
+        return "n/a"
+    if higher_is_better:
+        return "yes" if value >= target else f"no ({(value / target - 1) * 100:+.0f}%)"
+    return "yes" if value <= target else f"no ({(value / target - 1) * 100:+.0f}%)"
+
+
+Row = tuple[str, str, str, str, str, str]
+
+
+class Table:
+    def __init__(self) -> None:
+        self.rows: list[Row] = []
+
+    def figure(self, label: str, values: list[float], fmt: str, target: str = "", met: str = "", cpu: str = "") -> None:
+        self.rows.append((label, f"{med(values):{fmt}}", spread(values, fmt), target, met, cpu))
+
+    def detail(self, label: str, value: str, spread_text: str = "", cpu: str = "") -> None:
+        self.rows.append(("    " + label, value, spread_text, "", "", cpu))
+
+    def text(self) -> str:
+        head: Row = ("figure", "median", "spread (min - max)", "target", "met", "CPU cores: server / Redis / clients")
+        rows = [head, *self.rows]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        lines = []
+        for n, r in enumerate(rows):
+            lines.append(
+                "  ".join(
+                    c.ljust(w) if i == 0 else c.rjust(w) if i < 3 else c.ljust(w)
+                    for i, (c, w) in enumerate(zip(r, widths, strict=True))
+                ).rstrip()
+            )
+            if n == 0:
+                lines.append("  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+
+def cpu_text(ms: list[Measure]) -> str:
+    if not ms:
+        return ""
+    server = med([m.cores("server") for m in ms])
+    redis = med([m.cores("redis") for m in ms])
+    clients = med([m.client_cpu_s / m.duration for m in ms])
+    return (
+        f"{server:.2f} / {redis:.2f} / {clients:.2f}"
+        if any("redis" in m.cpu_s for m in ms)
+        else f"{server:.2f} / - / {clients:.2f}"
+    )
+
+
+def build_table(plan: Plan, runs: dict[str, list[Measure]], profiles: dict[str, Profile], figures: set[int]) -> Table:
+    t = Table()
+    get = runs.get
+    bare, sqlite, redis = get("throughput bare", []), get("throughput sqlite", []), get("throughput redis", [])
+    sio, redis2 = get("throughput socketio", []), get("throughput redis2", [])
+    lat_sqlite, lat_redis, lat_redis2 = get("latency sqlite", []), get("latency redis", []), get("latency redis2", [])
+    idle = get("idle", [])
+
+    def ratios(a: list[Measure], b: list[Measure]) -> list[float]:
+        return [x.rate / y.rate for x, y in zip(a, b, strict=False) if y.rate]
+
+    def rates(ms: list[Measure], label: str) -> None:
+        t.detail(label, f"{med([m.rate for m in ms]):,.0f}", spread([m.rate for m in ms], ",.0f"), cpu_text(ms))
+
+    def server_us(ms: list[Measure], label: str, names: tuple[str, ...] = ("server",)) -> None:
+        values = [m.us_per_msg(*names) for m in ms]
+        t.detail(label, f"{med(values):.0f}", spread(values, ".0f"))
+
+    def latencies(ms: list[Measure], label: str, target: float | None, fig: str) -> None:
+        p99 = [m.p(99) for m in ms]
+        p50 = [m.p(50) for m in ms]
+        tgt = f"≤ {target:g} ms" if target else ""
+        t.figure(
+            f"{fig} {label} p99, ms", p99, ".2f", tgt, verdict(med(p99), target, False) if target else "", cpu_text(ms)
+        )
+        t.detail("p50, ms", f"{med(p50):.2f}", spread(p50, ".2f"))
+        t.detail("delivered msgs/s (offered)", f"{med([m.rate for m in ms]):,.0f} ({plan.rate:,.0f})")
+
+    if 1 in figures and bare and sqlite:
+        values = ratios(sqlite, bare)
+        t.figure("1 throughput, embedded ÷ bare relay", values, ".2f", "≥ 0.6", verdict(med(values), 0.6, True))
+        rates(sqlite, "Tandem embedded, msgs/s")
+        rates(bare, "bare relay, msgs/s")
+        server_us(sqlite, "server CPU per message, µs: Tandem embedded")
+        server_us(bare, "server CPU per message, µs: bare relay")
+    if 2 in figures and bare and redis:
+        values = ratios(redis, bare)
+        t.figure("2 throughput, Redis ÷ bare relay", values, ".2f", "≥ 0.5", verdict(med(values), 0.5, True))
+        rates(redis, "Tandem on Redis, msgs/s")
+        if 1 not in figures:
+            rates(bare, "bare relay, msgs/s")
+        server_us(redis, "server CPU per message, µs: Tandem")
+        server_us(redis, "Redis CPU per message, µs", ("redis",))
+    if 3 in figures and lat_sqlite:
+        latencies(lat_sqlite, f"latency at {plan.rate:,.0f} msgs/s, embedded", 10, "3")
+    if 3 in figures and lat_redis:
+        latencies(lat_redis, f"latency at {plan.rate:,.0f} msgs/s, Redis", 15, "3")
+    if 4 in figures and idle:
+        kib = [float(m.extra["kib_per_connection"]) for m in idle]
+        conns = idle[0].extra["connections"]
+        t.figure(f"4 RSS per connection, {conns:,} held, KiB", kib, ".1f", "≤ 30", verdict(med(kib), 30, False))
+        if "bare_kib_per_connection" in idle[0].extra:
+            t.detail("bare relay (Hypercorn + Starlette), KiB", f"{idle[0].extra['bare_kib_per_connection']:.1f}")
+        t.detail(
+            "server RSS empty → full, MiB",
+            f"{med([m.extra['rss_empty_kib'] / 1024 for m in idle]):.0f} → "
+            f"{med([m.extra['rss_full_kib'] / 1024 for m in idle]):.0f}",
+        )
+        p99 = [m.p(99) for m in idle]
+        t.figure(
+            f"4 p99 of {plan.pairs} active pairs among them, ms",
+            p99,
+            ".2f",
+            "(≤ 10 as 3)",
+            verdict(med(p99), 10, False),
+            cpu_text(idle),
+        )
+        t.detail("p50, ms", f"{med([m.p(50) for m in idle]):.2f}", spread([m.p(50) for m in idle], ".2f"))
+    if 5 in figures and redis and sio:
+        values = ratios(redis, sio)
+        t.figure(
+            "5 throughput, Tandem on Redis ÷ python-socketio", values, ".2f", "≥ 1.5", verdict(med(values), 1.5, True)
+        )
+        if 2 not in figures:
+            rates(redis, "Tandem on Redis, msgs/s")
+        rates(sio, "python-socketio + AsyncRedisManager, msgs/s")
+        server_us(sio, "server CPU per message, µs: python-socketio")
+    if 6 in figures and redis and redis2:
+        values = ratios(redis2, redis)
+        t.figure("6 throughput, 2 instances ÷ 1 (Redis)", values, ".2f", "", "", "")
+        rates(redis2, "2 instances, msgs/s (server = both)")
+        server_us(redis2, "servers' CPU per message, µs (both)")
+    if 6 in figures and lat_redis2:
+        latencies(lat_redis2, f"latency at {plan.rate:,.0f} msgs/s, 2 instances", None, "6")
+        if lat_redis:
+            t.detail("p99 of 1 instance, ms (figure 3)", f"{med([m.p(99) for m in lat_redis]):.2f}")
+    if 7 in figures:
+        for kind, profile in profiles.items():
+            if not profile.samples:
+                continue
+            threads = profile.threads()
+            loop = threads.get("event loop (main thread)", 0) / profile.samples * 100
+            t.rows.append((f"7 profile, Tandem {kind}: event loop share", f"{loop:.0f}%", "", "", "", ""))
+            for name, count in profile.components().most_common(5):
+                t.detail(name, f"{count / profile.samples * 100:.0f}%")
+    return t
+
+
+def wait_quiet(limit: float, max_wait: float) -> float:
+    """Wait (up to `max_wait` s) for the 1-minute load average to drop below `limit`; return it."""
+    deadline = time.monotonic() + max_wait
+    load = os.getloadavg()[0]
+    while load >= limit and time.monotonic() < deadline:
+        time.sleep(min(10.0, max(0.0, deadline - time.monotonic())))
+        load = os.getloadavg()[0]
+    return load
+
+
+@contextlib.contextmanager
+def output_dir(path: str | None) -> Iterator[Path]:
+    if path:
+        out = Path(path).resolve()
+        out.mkdir(parents=True, exist_ok=True)
+        yield out
+    else:
+        yield Path(tempfile.mkdtemp(prefix="tandem-bench-"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one short round, 2,000 idle connections (~2 min)")
+    parser.add_argument("--only", default="", help="figures to run, e.g. 1,2,7 (default: all)")
+    parser.add_argument("--rounds", type=int, help="rounds per figure (default 3, quick 1)")
+    parser.add_argument("--duration", type=float, help="seconds counted per measurement (default 8, quick 3)")
+    parser.add_argument("--clients", type=int, help="load-generator processes (default 2)")
+    parser.add_argument("--idle", type=int, help="connections held for figure 4 (default 10000, quick 2000)")
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help=f"first wait up to S seconds for the 1-min load average to drop below {QUIET_LOAD}",
+    )
+    parser.add_argument("--out", help="directory for logs, profiles and results.json (default: a new temp dir)")
+    args = parser.parse_args(argv)
+
+    plan = QUICK if args.quick else Plan()
+    if args.rounds:
+        plan = replace(plan, rounds=max(1, min(args.rounds, 9)))
+    if args.duration:
+        plan = replace(plan, duration=max(1.0, min(args.duration, 60.0)))
+    if args.clients:
+        plan = replace(plan, clients=max(1, min(args.clients, 16)))
+    if args.idle:
+        plan = replace(plan, idle_connections=max(2 * plan.pairs + 2, min(args.idle, 19_000)))
+    figures = {int(f) for f in args.only.split(",") if f.strip()} if args.only else set(ALL_FIGURES)
+    if not figures <= set(ALL_FIGURES):
+        parser.error(f"--only takes figures from {ALL_FIGURES}")
+
+    raise_nofile()  # the servers inherit it: figure 4 holds 10,000 sockets
+    if args.wait_quiet:
+        wait_quiet(QUIET_LOAD, min(args.wait_quiet, 1800))
+    load_before = os.getloadavg()
+    info = machine()
+    started = datetime.now(UTC)
+    if load_before[0] >= QUIET_LOAD:
+        log(f"warning: the machine is busy (load average {load_before[0]:.2f}): figures will be low and noisy")
+
+    runs: dict[str, list[Measure]] = {}
+    profiles: dict[str, Profile] = {}
+    with output_dir(args.out) as out:
+        (out / "logs").mkdir(exist_ok=True)
+        bench = Bench(plan, out)
+        log(f"bench: output in {out}")
+        clock = time.monotonic()
+        try:
+            needs_redis = figures & {2, 3, 5, 6} or 7 in figures
+            if needs_redis:
+                bench.start_redis()
+            throughput_kinds = [
+                k
+                for k, figs in (
+                    ("bare", {1, 2}),
+                    ("sqlite", {1}),
+                    ("redis", {2, 5, 6}),
+                    ("socketio", {5}),
+                    ("redis2", {6}),
+                )
+                if figs & figures
+            ]
+            latency_kinds = [k for k, figs in (("sqlite", {3}), ("redis", {3, 6}), ("redis2", {6})) if figs & figures]
+            for r in range(plan.rounds):
+                log(f"round {r + 1}/{plan.rounds}: throughput")
+                for kind in throughput_kinds:
+                    runs.setdefault(f"throughput {kind}", []).append(bench.throughput(kind))
+            for r in range(plan.rounds):
+                if latency_kinds:
+                    log(f"round {r + 1}/{plan.rounds}: latency at {plan.rate:,.0f} msgs/s")
+                for kind in latency_kinds:
+                    runs.setdefault(f"latency {kind}", []).append(bench.latency(kind))
+            if 4 in figures:
+                for r in range(plan.rounds):
+                    log(f"round {r + 1}/{plan.rounds}: {plan.idle_connections:,} connections")
+                    runs.setdefault("idle", []).append(bench.idle())
+                log(f"bare relay holding {plan.idle_connections:,} connections (figure 4's floor)")
+                runs["idle"][0].extra["bare_kib_per_connection"] = round(bench.idle_bare(), 2)
+            if 7 in figures:
+                for kind in ("sqlite", "redis"):
+                    log(f"profile: Tandem {kind}")
+                    measured, profiles[kind] = bench.profile(kind)
+                    runs.setdefault(f"profiled {kind}", []).append(measured)
+        finally:
+            bench.close()
+        elapsed = time.monotonic() - clock
+        table = build_table(plan, runs, profiles, figures)
+        header = [
+            f"Tandem benchmarks, {started:%Y-%m-%d %H:%M} UTC, {elapsed / 60:.1f} min"
+            f"{' (--quick)' if args.quick else ''}",
+            f"machine: {info['cores']} cores ({info['cpu']}), {info['memory_gib']} GiB, Python {info['python']}, "
+            f"{info['kernel']}" + (f", Redis {bench.redis_version}" if bench.redis_version else ""),
+            f"load average before: {load_before[0]:.2f} / {load_before[1]:.2f} / {load_before[2]:.2f}"
+            + ("  (busy: figures are low and noisy)" if load_before[0] >= QUIET_LOAD else ""),
+            f"each figure: median of {plan.rounds} run(s) of {plan.duration:g} s after {plan.warmup:g} s warm-up; "
+            f"{plan.pairs} pairs over {plan.clients} client processes; data {PAYLOAD_BYTES} bytes",
+        ]
+        print("\n".join(header))
+        print()
+        print(table.text())
+        for kind, profile in profiles.items():
+            print()
+            print(f"Figure 7, py-spy on Tandem ({kind}) during a throughput run:")
+            print("\n".join("  " + line for line in profile.lines()))
+        results = {
+            "started": started.isoformat(),
+            "machine": info,
+            "load_before": load_before,
+            "plan": plan.__dict__,
+            "runs": {k: [m.summary() for m in v] for k, v in runs.items()},
+        }
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        (out / "table.txt").write_text("\n".join(header) + "\n\n" + table.text() + "\n")
+        log(f"bench: logs, profiles and results.json in {out}")
+    return 0
