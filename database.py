@@ -29,6 +29,9 @@ import psycopg
 import psycopg.conninfo
 import psycopg.errors
 import trio
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
@@ -51,7 +54,7 @@ ARCHIVE_STATEMENT_TIMEOUT_MS = 10_000
 POOL_WAIT_S = 2.0  # how long a write waits for a pooled connection (then: retry with backoff)
 POOL_RECONNECT_S = 10.0  # a reconnect chain gives up after this; the next request starts a fresh one
 WRITE_TIMEOUT_S = 30.0  # one batch, at the call site
-CHECK_TIMEOUT_S = 2.0  # readiness
+CHECK_TIMEOUT_S = 1.0  # readiness (READY_TIMEOUT defaults to 1 s too)
 RETRY_MIN_S = 0.1
 RETRY_MAX_S = 2.0
 MAX_QUEUE_BYTES = 64 * 2**20  # the archive queue's bytes, besides its rows
@@ -266,24 +269,28 @@ def _apply(work: psycopg.Connection[Any], m: Migration, report: MigrationReport)
     # Non-transactional: one statement in autocommit. A CREATE INDEX CONCURRENTLY that fails (or
     # an earlier run that was killed) leaves an INVALID index, which IF NOT EXISTS would keep: drop
     # it and build again, once; still invalid is an error.
+    index = m.index
     for attempt in (1, 2):
-        if m.index is not None and _index_valid(work, m.index) is False:
-            log.warning("migrate.invalid_index", extra={"fields": {"file": m.name, "index": m.index}})
-            _drop_index(work, m.index)
-            report.rebuilt.append(m.index)
+        if index is not None and _index_valid(work, index) is False:
+            log.warning("migrate.invalid_index", extra={"fields": {"file": m.name, "index": index}})
+            _drop_index(work, index)
+            report.rebuilt.append(index)
         error: psycopg.Error | None = None
         try:
             work.execute(m.text.encode())
         except psycopg.Error as exc:
             error = exc
-        if m.index is None or _index_valid(work, m.index):
-            if error is not None:
-                raise MigrationError(f"{m.name} failed: {error}") from error
+        valid = None if index is None else _index_valid(work, index)
+        if valid is None and error is not None:  # no index was left behind: just an error
+            raise MigrationError(f"{m.name} failed: {error}") from error
+        if index is None or valid:
             break
+        if valid is None:
+            raise MigrationError(f"{m.name} ran, but index {index} is not in the current schema")
         if attempt == 2:
-            _drop_index(work, m.index)
+            _drop_index(work, index)
             raise MigrationError(
-                f"{m.name}: index {m.index} is invalid (pg_index.indisvalid = false) after a rebuild"
+                f"{m.name}: index {index} is invalid (pg_index.indisvalid = false) after a rebuild"
                 f"{f': {error}' if error else ''}; dropped it, fix the cause and run the migration again"
             ) from error
     work.execute(record, (m.version, m.name, m.checksum))
@@ -593,6 +600,9 @@ class Recorder:
         """Counters for metrics; empty without an archive."""
         return {}
 
+    def register_metrics(self, registry: CollectorRegistry) -> None:
+        """Expose the counters in `registry` (/metrics); nothing without an archive."""
+
 
 NO_ARCHIVE = Recorder()
 
@@ -643,6 +653,9 @@ class Archive(Recorder):
     @property
     def pending(self) -> int:
         return len(self._rows)
+
+    def register_metrics(self, registry: CollectorRegistry) -> None:
+        registry.register(_ArchiveCollector(self))
 
     def stats(self) -> dict[str, int]:
         return {
@@ -812,6 +825,28 @@ class Archive(Recorder):
                 "archive.lost",
                 extra={"fields": {"rows": len(self._rows), "error": self._failing, "within_s": within_s}},
             )
+
+
+class _ArchiveCollector(Collector):
+    """The archive's counters, read at scrape time (the relay's path only bumps integers)."""
+
+    def __init__(self, archive: Archive) -> None:
+        self._archive = archive
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._archive.stats()
+        rows = CounterMetricFamily(
+            "tandem_archive_rows",
+            "Archive rows by outcome: written; dropped (queue full); refused (bad data)",
+            labels=["outcome"],
+        )
+        for outcome in ("written", "dropped", "refused"):
+            rows.add_metric([outcome], stats[outcome])
+        yield rows
+        yield GaugeMetricFamily("tandem_archive_pending_rows", "Rows waiting for PostgreSQL", value=stats["pending"])
+        yield CounterMetricFamily(
+            "tandem_archive_retries", "Batches retried after PostgreSQL failed", value=stats["retries"]
+        )
 
 
 def _json_body(data: bytes) -> str | None:

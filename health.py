@@ -1,11 +1,8 @@
 """Probes and metrics: `/health/live`, `/health/ready` and `/metrics`.
 
-Liveness is a ticking task that measures the event loop's lag; it touches no
-backend. Readiness runs a list of named checks (the store; the archive and
-Redis plug in the same way) concurrently under READY_TIMEOUT, shares one run
-among concurrent probes, caches the report for 1 s and fails while draining.
-Metrics live in one prometheus_client registry per server; a relayed message
-costs one counter increment and one histogram observation.
+Liveness reads a task that measures event-loop lag; readiness runs named checks
+(store, database, ...) concurrently under READY_TIMEOUT, cached 1 s, failing
+while draining. Metrics: one prometheus_client registry, fixed label sets.
 """
 
 from __future__ import annotations
@@ -293,6 +290,7 @@ class Check:
     probe: Callable[[], Awaitable[object]]
     component_type: str = "datastore"
     critical: bool = True
+    component_id: str | None = None  # e.g. the backend: "sqlite", "redis"
 
 
 @dataclass(frozen=True, slots=True)
@@ -372,7 +370,7 @@ class Readiness:
             output = f"no answer within {self.timeout:g} s (READY_TIMEOUT)"
         status = "fail" if output is not None else "warn" if elapsed > self.timeout / 2 else "pass"
         entry: dict[str, object] = {
-            "componentId": check.name,
+            "componentId": check.component_id or check.name,
             "componentType": check.component_type,
             "observedValue": round(elapsed * 1000, 3),
             "observedUnit": "ms",

@@ -13,8 +13,6 @@ table of cases in the tests checks both.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import time
 from collections import OrderedDict
@@ -197,7 +195,9 @@ end
 
 # KEYS[1]: the key. ARGV: limit, window_ms, mode ("hit", "peek" or "record"),
 # now_ms ("" = Redis TIME; the tests pass their own clock).
-LUA_WINDOW = LUA_WINDOW_FUNCTIONS + """
+LUA_WINDOW = (
+    LUA_WINDOW_FUNCTIONS
+    + """
 local limit, window, mode = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local now
 if ARGV[4] ~= '' then now = tonumber(ARGV[4]) else
@@ -217,6 +217,7 @@ local reset = 0
 if #recent > 0 then reset = recent[1] + window - now end
 return {1, limit - #recent, '0', tostring(reset)}
 """
+)
 
 
 def redis_key(rule: Rule, key: str) -> str:
@@ -292,8 +293,3 @@ def rate_limited(rule_name: str, retry_after: float) -> ClientError:
     return ClientError(
         f"rate limit {rule_name} exceeded", ErrorCode.RATE_LIMITED, retry_after=round(max(retry_after, 0.001), 3)
     )
-
-
-def ip_key(ip: str, secret: bytes) -> str:
-    """A client address as a limiter key: a keyed hash, never the raw address."""
-    return hmac.new(secret, ip.encode(), hashlib.sha256).hexdigest()[:24]

@@ -1,10 +1,8 @@
 """Structured logging: one redacted line per event, written off the event loop.
 
-`setup(config)` puts one QueueHandler on the root logger, so Tandem's events
-and Hypercorn's logs share one pipeline: the caller's thread builds the line
-(context fields bound with `bind`, then one redaction step) and a QueueListener
-thread formats it (JSON lines or coloured console) and writes it to stdout and,
-with LOG_FILE, to a file rotated at UTC midnight.
+One QueueHandler on the root logger serves Tandem and Hypercorn alike: the
+calling thread builds the line (fields bound with `bind`, one redaction step);
+one QueueListener thread writes it as JSON or console text to stdout and LOG_FILE.
 """
 
 from __future__ import annotations

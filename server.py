@@ -459,9 +459,10 @@ class Tandem:
         self.hub = hub
         self.metrics = health.Metrics(lambda: len(hub.connections))
         # Timed in place: the store keeps its class and its other methods.
-        self.store = health.instrument_store(store, self.metrics, "redis" if config.redis_url else "sqlite")
+        backend = "redis" if config.redis_url else "sqlite"
+        self.store = health.instrument_store(store, self.metrics, backend)
         self.health = health.Health(config, self.metrics, self.store)
-        self.health.readiness.add(health.Check("store", self.store.check))
+        self.health.readiness.add(health.Check("store", self.store.check, component_id=backend))
         self.limiter: Limiter = store.limiter
         self.limits = limits_from_config(config)
         self.archive: database.Recorder = database.NO_ARCHIVE  # lifespan sets it when DATABASE_URL is set
@@ -528,9 +529,7 @@ def _error_response(status: int, code: ErrorCode, message: str, headers: dict[st
 
 
 def too_many(rule: Rule, decision: Decision) -> Response:
-    return _error_response(
-        429, ErrorCode.RATE_LIMITED, f"rate limit {rule.name} exceeded", decision.headers(rule)
-    )
+    return _error_response(429, ErrorCode.RATE_LIMITED, f"rate limit {rule.name} exceeded", decision.headers(rule))
 
 
 def create_app(tandem: Tandem) -> Starlette:
@@ -700,8 +699,9 @@ async def lifespan(config: Config) -> AsyncIterator[Tandem]:
     async with database.open_archive(config) as archive, open_store(config, hub) as store:
         tandem = Tandem(config, hub, store)
         tandem.archive = archive
+        archive.register_metrics(tandem.metrics.registry)  # tandem_archive_*; nothing without DATABASE_URL
         if config.database_url is not None:
-            tandem.health.readiness.add(health.Check("database", archive.check))
+            tandem.health.readiness.add(health.Check("database", archive.check, component_id="postgresql"))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_sweeper, tandem)
             nursery.start_soon(tandem.health.run)

@@ -23,6 +23,7 @@ whole run within TIME_BUDGET_S.
 from __future__ import annotations
 
 import argparse
+import os
 import secrets
 import statistics
 import sys
@@ -110,6 +111,7 @@ async def run(url: str, checks: int) -> int:
     try:
         info: dict[str, Any] = client.info("server")
         print(f"redis {info['redis_version']} at {url}; {checks} checks of each kind per concurrency")
+        print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} (others' work skews both sides)")
         limiter = RedisLimiter(client)
         baseline = TrivialCheck(client)
         budget = TIME_BUDGET_S / (len(CONCURRENCY) + 1)
@@ -149,6 +151,7 @@ async def run(url: str, checks: int) -> int:
             spread = f"{len(ratios)} ({statistics.median(ratios):.2f})" if ratios else "0"
             print(f"{tasks:>5}  {ours_rate:>16,.0f}  {theirs_rate:>18,.0f}  {ratio:>5.2f}  {spread}")
         print(f"in memory: {memory_rate(MEMORY_DECISIONS, budget):,.0f} decisions/s (MemoryLimiter.hit_now)")
+        print(f"load average {os.getloadavg()[0]:.2f} at the end")
         verdict = "meets" if worst >= TARGET else "BELOW"
         print(f"lowest ratio {worst:.2f}: {verdict} the target of {TARGET}")
         return 0

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import orjson
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, connect_websocket_url
+from trio_websocket import ConnectionClosed, WebSocketConnection, connect_websocket_url
 
 from bench.common import emit_line, payload_text, raise_nofile
 
@@ -90,54 +90,65 @@ class Window:
 
 async def open_pair(nursery: trio.Nursery, url_a: str, url_b: str) -> tuple[WebSocketConnection, WebSocketConnection]:
     """Create a session on A, join it on B, and wait until both are paired."""
-    opened: list[WebSocketConnection] = []
-    try:
-        with trio.fail_after(PAIR_TIMEOUT):
-            a = await connect_websocket_url(nursery, url_a)
-            opened.append(a)
-            await a.send_message('{"type":"session:create","id":"c"}')
-            created = orjson.loads(await a.get_message())
-            if created.get("type") != "session:created":
-                raise RuntimeError(f"create failed: {created}")
-            b = await connect_websocket_url(nursery, url_b)
-            opened.append(b)
-            await b.send_message(orjson.dumps({"type": "session:join", "id": "j", "code": created["code"]}).decode())
-            for ws in (b, b, a):  # joined, paired on B; paired on A
-                frame = orjson.loads(await ws.get_message())
-                if frame.get("type") not in ("session:joined", "session:paired"):
-                    raise RuntimeError(f"join failed: {frame}")
-            return a, b
-    except BaseException:
-        with trio.move_on_after(2, shield=True):
-            for ws in opened:
-                await ws.aclose()
-        raise
+    with trio.fail_after(PAIR_TIMEOUT):
+        a = await connect_websocket_url(nursery, url_a)
+        await a.send_message('{"type":"session:create","id":"c"}')
+        created = orjson.loads(await a.get_message())
+        if created.get("type") != "session:created":
+            raise RuntimeError(f"create failed: {created}")
+        b = await connect_websocket_url(nursery, url_b)
+        await b.send_message(orjson.dumps({"type": "session:join", "id": "j", "code": created["code"]}).decode())
+        for ws in (b, b, a):  # joined, paired on B; paired on A
+            frame = orjson.loads(await ws.get_message())
+            if frame.get("type") not in ("session:joined", "session:paired"):
+                raise RuntimeError(f"join failed: {frame}")
+        return a, b
 
 
 async def setup(
     nursery: trio.Nursery, config: Config
 ) -> tuple[list[tuple[WebSocketConnection, WebSocketConnection]], int]:
-    """Open the pairs (each tried up to PAIR_ATTEMPTS times); return them and the count that failed."""
+    """Open the pairs, each tried up to PAIR_ATTEMPTS times; return them and how many failed.
+
+    Each pair lives in a nursery of its own (in `nursery`), so that a failed
+    attempt is dropped by cancelling it (closing a socket mid-handshake from
+    another task trips trio-websocket), and the pair is held until `nursery` ends.
+    """
     pairs: list[tuple[WebSocketConnection, WebSocketConnection] | None] = [None] * config.pairs
     failed = 0
+    left = config.pairs
+    all_done = trio.Event()
     limit = trio.CapacityLimiter(config.concurrency)
     n = len(config.urls)
 
-    async def one(i: int) -> None:
-        nonlocal failed
-        async with limit:
-            for attempt in range(PAIR_ATTEMPTS):
-                try:
-                    pairs[i] = await open_pair(nursery, config.urls[i % n], config.urls[(i + 1) % n])
-                    return
-                except (trio.TooSlowError, OSError, HandshakeError, ConnectionClosed, RuntimeError) as exc:
-                    print(f"pair {i} attempt {attempt + 1} failed: {exc!r}", file=sys.stderr)
-            failed += 1
+    def settle() -> None:
+        nonlocal left
+        left -= 1
+        if left <= 0:
+            all_done.set()
 
+    async def holder(i: int) -> None:
+        nonlocal failed
+        for attempt in range(PAIR_ATTEMPTS):
+            try:
+                async with trio.open_nursery() as own:
+                    async with limit:
+                        pairs[i] = await open_pair(own, config.urls[i % n], config.urls[(i + 1) % n])
+                    settle()
+                    await trio.sleep_forever()
+            except Exception as exc:
+                if pairs[i] is not None:
+                    return  # broke after set-up: the run sees it closed
+                print(f"pair {i} attempt {attempt + 1} failed: {exc!r}", file=sys.stderr)
+        failed += 1
+        settle()
+
+    if config.pairs <= 0:
+        all_done.set()
+    for i in range(config.pairs):
+        nursery.start_soon(holder, i)
     with trio.move_on_after(config.setup_timeout):
-        async with trio.open_nursery() as starter:
-            for i in range(config.pairs):
-                starter.start_soon(one, i)
+        await all_done.wait()
     done = [p for p in pairs if p is not None]
     return done, config.pairs - len(done)
 

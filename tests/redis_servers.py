@@ -174,8 +174,8 @@ class TlsFiles:
 class RedisCluster3:
     """A real Redis Cluster of three masters, no replicas, on private ports."""
 
-    def __init__(self, directory: Path) -> None:
-        self.nodes = [RedisServer(directory / f"node-{n}", cluster=True) for n in range(3)]
+    def __init__(self, directory: Path, *, appendonly: bool = False) -> None:
+        self.nodes = [RedisServer(directory / f"node-{n}", cluster=True, appendonly=appendonly) for n in range(3)]
 
     @property
     def url(self) -> str:
@@ -224,6 +224,23 @@ class RedisCluster3:
                 time.sleep(0.05)
         if pending:
             raise AssertionError(f"cluster not ok on {pending[0].port}:\n{text}")
+
+    def wait_ok(self) -> None:
+        """After a node restarted: until the cluster serves every slot again."""
+        self._wait_ok()
+
+    def owner(self, key: str) -> RedisServer:
+        """The master that serves the slot of `key` (the others answer MOVED)."""
+        for node in self.nodes:
+            client = node.client()
+            try:
+                client.exists(key)
+                return node
+            except redis.ResponseError:
+                continue
+            finally:
+                client.close()
+        raise AssertionError(f"no node serves {key}")
 
     def client(self) -> redis.cluster.RedisCluster:
         return redis.cluster.RedisCluster(host="127.0.0.1", port=self.nodes[0].port, socket_timeout=2.0)

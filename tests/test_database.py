@@ -8,10 +8,12 @@ a session runs, and starts it again.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -379,6 +381,9 @@ async def test_a_full_queue_drops_and_counts_and_never_blocks_the_relay(
             for n in range(40):
                 assert await a.message(n) == n + 1
                 assert (await b.expect("message"))["data"] == n
+    metrics = await trio.to_thread.run_sync(lambda: urllib.request.urlopen(f"{server.http}/metrics", timeout=5).read())
+    dropped = re.search(rb'^tandem_archive_rows_total\{outcome="dropped"\} (\S+)$', metrics, re.MULTILINE)
+    assert dropped is not None and float(dropped.group(1)) >= 30, metrics
     assert await trio.to_thread.run_sync(server.terminate) == 0, server.output()
     events = log_events(server)
     overflow = [e for e in events if e["event"] == "archive.overflow"]
@@ -488,3 +493,15 @@ async def test_rows_the_database_refuses_are_isolated_and_the_rest_stored(pg_url
         (4, "b", [4], 3),
     ]
     assert query(pg_url, "SELECT code, ended_at, message_count FROM sessions") == [("ISOLATE1", None, 4)]
+
+
+async def test_an_abandoned_call_cancels_its_query(pg_url: str) -> None:
+    def sleep(token: database.Canceller) -> None:
+        conn = psycopg.connect(pg_url, autocommit=True, application_name="tandem-test-sleep")
+        with conn, token.using(conn):
+            conn.execute("SELECT pg_sleep(30)")
+
+    with trio.move_on_after(0.5):
+        await database.in_thread(sleep)
+    active = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'tandem-test-sleep' AND state = 'active'"
+    await eventually(pg_url, active, lambda rows: rows == [(0,)])

@@ -1,10 +1,8 @@
 """The deployment files, checked without a Docker engine.
 
-The Dockerfile is parsed: its shape is asserted, its final stage's COPY lines
-are replayed into a directory, and its CMD and HEALTHCHECK commands are run
-there with its ENV, as the container would run them. `docker-compose config`
-(Debian's docker-compose, or the compose plugin) validates the compose file;
-.env.example must list every setting config.py reads, with its default.
+The Dockerfile's final stage is replayed into a directory and its CMD and
+HEALTHCHECK run there with its ENV; `docker-compose config` validates the
+compose file; .env.example must list every setting config.py reads.
 """
 
 from __future__ import annotations

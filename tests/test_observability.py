@@ -1,11 +1,8 @@
 """Logs, probes and metrics of a real server, and the logging pipeline in-process.
 
-A scripted session is run against `python server.py` (clients connect from
-a loopback address of their own, so the raw client IP is recognisable) and
-all its log output is scanned for tokens, the address and message bodies.
-Probes are driven into each state for real: the SQLite file locked by
-another connection, SIGTERM with a pre-drain delay, the process stopped
-with SIGSTOP. Rotation runs the file handler on a clock the test controls.
+Clients connect from a loopback address of their own, and all log output is
+scanned for it, tokens and bodies. Probes are driven for real: SQLite locked by
+another connection, SIGTERM, SIGSTOP. Rotation runs on a clock the test drives.
 """
 
 from __future__ import annotations
@@ -224,7 +221,7 @@ async def test_ready_fails_naming_the_store_while_its_file_is_locked_and_live_st
     status, body = await probe(server, "/health/ready")
     assert status == 200 and body["status"] == "pass", body
     (store,) = body["checks"]["store:responseTime"]
-    assert store["status"] == "pass" and store["componentType"] == "datastore"
+    assert store["status"] == "pass" and store["componentType"] == "datastore" and store["componentId"] == "sqlite"
     assert isinstance(store["observedValue"], float) and store["observedUnit"] == "ms"
     # Cached: a second probe within the second gets the same report.
     assert (await probe(server, "/health/ready"))[1] == body
@@ -456,6 +453,22 @@ def test_console_lines_are_coloured_and_never_split() -> None:
     # A traceback takes several lines, each marked as a continuation of the line before.
     assert "boom" in rows[1] and rows[2:] and all(row.startswith("    | ") for row in rows[2:])
     assert "ValueError: from ip-" in text and not any(row.startswith("Forged") for row in rows)
+
+
+def test_console_is_chosen_on_a_terminal_and_json_otherwise() -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    config = dataclasses.replace(config_module.DEFAULTS, log_format="auto")
+    for stream, console in ((Terminal(), True), (io.StringIO(), False)):
+        pipeline = logging_setup.Pipeline(config, stream).start()
+        logger = logging.getLogger("test.observability.auto")
+        logger.propagate = False
+        logger.handlers[:] = [pipeline.handler]
+        logger.warning("auto.event")
+        pipeline.stop()
+        assert stream.getvalue().startswith("{") is not console, stream.getvalue()
 
 
 def test_hypercorn_records_go_through_the_same_pipeline() -> None:

@@ -437,6 +437,7 @@ async def test_listener_killed_by_redis_is_restarted_counted_and_loses_nothing(
     server = private_redis()
     s1, s2 = instances(tandem_factory, tmp_path, private_backend(server), HISTORY_SIZE="1000")
     total, kills = 300, 3
+    killed: list[int] = []
     admin = server.client()
     try:
         async with connect(s1) as a, connect(s2) as b:
@@ -450,7 +451,7 @@ async def test_listener_killed_by_redis_is_restarted_counted_and_loses_nothing(
                     assert await a.message(n) == n + 1
                     if n % (total // (kills + 1)) == total // (kills + 1) - 1 and n < total - 10:
                         # Every pub/sub connection of both instances goes, mid-conversation.
-                        assert admin.client_kill_filter(_type="pubsub") >= 2
+                        killed.append(admin.client_kill_filter(_type="pubsub"))
                     await trio.sleep(0.002)
 
             async def receive() -> None:
@@ -464,11 +465,49 @@ async def test_listener_killed_by_redis_is_restarted_counted_and_loses_nothing(
                     nursery.start_soon(keep_sending)
                     await receive()
             assert seen == list(range(1, total + 1))
+            assert len(killed) == kills and killed[0] == 2 and sum(killed) >= kills + 1, killed
             await b.nothing(0.3)
             for instance in (s1, s2):  # each restart was noticed and logged
                 assert len(log_events(instance, "redis.listener_disconnected")) >= 1, instance.output()[-2000:]
             assert await b.message("still live") == total + 1
             assert (await a.expect("message"))["data"] == "still live"
+    finally:
+        admin.close()
+
+
+async def test_session_expiring_while_an_instance_cannot_listen_still_ends_for_its_members(
+    private_redis: RedisFactory, tandem_factory: ServerFactory, tmp_path: Path
+) -> None:
+    server = private_redis()
+    admin = server.client()
+    try:
+        # s2 logs in as its own ACL user (a user name and password in the URL),
+        # so that its listener can be kept from subscribing for a while.
+        admin.acl_setuser("s2", enabled=True, passwords=["+s2-pass"], keys=["*"], channels=["*"], commands=["+@all"])
+        backend = private_backend(server)
+        s1 = tandem_factory(data_dir=tmp_path / "d1", REDIS_URL=server.url(), SESSION_IDLE_TIMEOUT="1.5")
+        s2_url = f"redis://s2:s2-pass@127.0.0.1:{server.port}/0"
+        s2 = tandem_factory(data_dir=tmp_path / "d2", REDIS_URL=s2_url, SESSION_IDLE_TIMEOUT="1.5")
+        async with connect(s1) as a, connect(s2) as b:
+            created = await a.create()
+            code = created["code"]
+            await b.join(code)
+            await paired_frames(b, a)
+            assert await a.message("hi") == 1
+            assert (await b.expect("message"))["data"] == "hi"
+            assert backend.shard_subscribers(code) == 2
+
+            admin.acl_setuser("s2", enabled=True, commands=["-ssubscribe"])
+            assert admin.client_kill_filter(_type="pubsub", user="s2") == 1
+            a.patience = b.patience = 10
+            expired = {"type": "session:expired", "code": code, "reason": "idle"}
+            assert await a.expect("session:expired") == expired  # s1 heard it; s2 could not
+            await eventually(lambda: backend.shard_subscribers(code), 0)
+
+            admin.acl_setuser("s2", enabled=True, commands=["+ssubscribe"])
+            assert await b.expect("session:expired") == expired  # s2 resubscribed and found it gone
+            assert (await b.create())["code"] != code  # and the socket is free again
+            assert log_events(s2, "redis.listener_disconnected") + log_events(s2, "redis.listener_crashed")
     finally:
         admin.close()
 
@@ -553,12 +592,62 @@ async def test_redis_outage_gives_unavailable_then_service_resumes_without_resta
         assert (await call(idle, "session:create"))["type"] == "session:created"
 
 
+async def test_cluster_master_outage_gives_unavailable_then_service_resumes(
+    tandem_factory: ServerFactory, tmp_path: Path
+) -> None:
+    nodes = RedisCluster3(tmp_path / "cluster", appendonly=True).start()
+    try:
+        backend = Backend("cluster", {"REDIS_URL": nodes.url, "REDIS_CLUSTER": "1"}, ())
+        s1, s2 = instances(tandem_factory, tmp_path, backend)
+        async with connect(s1) as a, connect(s2) as b, connect(s1) as idle:
+            created = await a.create()
+            joined = await b.join(created["code"])
+            await paired_frames(b, a)
+            assert await a.message("before") == 1
+            assert (await b.expect("message"))["seq"] == 1
+            victim = nodes.owner(f"tandem:{{{created['code']}}}:s")
+
+            victim.stop()  # the master of this session's slot goes away
+            a_inbox: list[dict[str, Any]] = []
+            assert_unavailable(await call(a, "message:send", a_inbox, data="during"))
+            assert (await call(b, "ping"))["type"] == "pong"
+            assert await status_of(s1, "/health/live") == 200
+            await trio.sleep(0.5)  # the sweepers of both instances run meanwhile
+            for instance in (s1, s2):
+                assert instance.proc is not None and instance.proc.poll() is None, instance.output()[-3000:]
+
+            victim.start()  # same port, directory and node id: it takes its slots back
+            nodes.wait_ok()
+            seq = await send_until_acked(a, a_inbox, "after")
+            b_inbox: list[dict[str, Any]] = []
+            with trio.fail_after(10):
+                for _ in range(100):
+                    b_inbox.append(await b.recv())
+                    if b_inbox[-1].get("seq") == seq:
+                        break
+            assert [f["seq"] for f in b_inbox if f["type"] == "message"] == list(range(2, seq + 1)), b_inbox
+            reply = await call(b, "message:send", b_inbox, data="b after")
+            assert reply["type"] == "message:ack" and reply["seq"] == seq + 1, reply
+            async with connect(s1) as b2:  # the history survived the master's restart
+                resumed = await resume(b2, {**joined, "code": created["code"]}, 0)
+                assert resumed["last_seq"] == seq + 1
+                replay = await messages(b2, seq)
+                assert [m["seq"] for m in replay] == list(range(1, seq + 1))
+                assert replay[0]["data"] == "before"
+            assert (await call(idle, "session:create"))["type"] == "session:created"
+            for instance in (s1, s2):
+                assert instance.proc is not None and instance.proc.poll() is None, instance.output()[-3000:]
+    finally:
+        nodes.stop()
+
+
 # --- keys -------------------------------------------------------------------------------------
 
 
 def all_keys(client: redis.Redis) -> dict[str, int]:
-    """Every key of the database and its PTTL (-1: none)."""
-    return {key.decode(): int(client.pttl(key)) for key in client.scan_iter(count=1000)}
+    """Every key of the database and its PTTL (-1: none); keys gone since the SCAN are left out."""
+    ttls = {key.decode(): int(client.pttl(key)) for key in client.scan_iter(count=1000)}
+    return {key: ttl for key, ttl in ttls.items() if ttl != -2}
 
 
 async def test_no_key_without_ttl_and_nothing_left_of_ended_or_expired_sessions(
@@ -572,6 +661,11 @@ async def test_no_key_without_ttl_and_nothing_left_of_ended_or_expired_sessions(
         SESSION_IDLE_TIMEOUT="1.5",
         SWEEP_INTERVAL="0.1",
         HISTORY_SIZE="3",
+        # As in production: rate limits on, so their keys (a member's beside its
+        # session) are counted too; the per-IP ones are wide enough for this test.
+        RATE_LIMIT_ENABLED="1",
+        RATE_LIMIT_CONNECTIONS_IP="1000/60",
+        RATE_LIMIT_MESSAGES_IP="1000/60",
     )
     admin = server.client()
     codes: list[str] = []
@@ -579,10 +673,12 @@ async def test_no_key_without_ttl_and_nothing_left_of_ended_or_expired_sessions(
         async with connect(s1) as a, connect(s2) as b, connect(s1) as c, connect(s2) as d:
             # left: both members leave (messages past HISTORY_SIZE first).
             left = await a.create()
-            await b.join(left["code"])
+            left_b = await b.join(left["code"])
             await paired_frames(b, a)
             assert [await a.message(n) for n in range(5)] == [1, 2, 3, 4, 5]
             await messages(b, 5)
+            assert await b.message("b too") == 6
+            await a.expect("message")
             # expiring: paired, members stay connected until it expires.
             expiring = await c.create()
             await d.join(expiring["code"])
@@ -600,9 +696,12 @@ async def test_no_key_without_ttl_and_nothing_left_of_ended_or_expired_sessions(
             assert [k for k, ttl in keys.items() if ttl < 0] == [], keys
             for code in codes:
                 assert f"tandem:{{{code}}}:s" in keys
+                assert any(k.startswith(f"tandem:{{{code}}}:rl:") for k in keys), keys  # a member's rate limit
 
             assert (await call(b, "session:leave"))["type"] == "session:left"
-            assert (await a.expect("session:peer_left"))["client_id"] != left["client_id"]
+            assert (await a.expect("session:peer_left"))["client_id"] == left_b["client_id"]
+            limits = [k for k in all_keys(admin) if k.startswith(f"tandem:{{{left['code']}}}:rl:")]
+            assert len(limits) == 1 and limits[0].endswith(":" + left["client_id"]), limits  # b's went with b
             assert (await call(a, "session:leave"))["type"] == "session:left"
             assert [k for k in all_keys(admin) if left["code"] in k] == []
 
@@ -614,8 +713,10 @@ async def test_no_key_without_ttl_and_nothing_left_of_ended_or_expired_sessions(
         keys = all_keys(admin)
         assert [k for k, ttl in keys.items() if ttl < 0] == [], keys
         assert [k for k in keys if any(code in k for code in codes)] == [], keys
-        for key in keys:  # what is left is the (empty or foreign) expiry index
-            assert key.startswith("tandem:expiry:"), keys
+        # What is left belongs to no session: per-address rate limits, and the
+        # expiry index (without these sessions).
+        assert all(k.startswith(("tandem:rl:", "tandem:expiry:")) for k in keys), keys
+        for key in (k for k in keys if k.startswith("tandem:expiry:")):
             members = {m.decode() if isinstance(m, bytes) else str(m) for m in admin.zrange(key, 0, -1)}
             assert not set(codes) & members, (key, members)
     finally:
