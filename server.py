@@ -724,6 +724,18 @@ async def run(config: Config) -> None:
     log.info("shutdown.complete")
 
 
+def _environment_failure(exc: BaseException) -> BaseException | None:
+    """The error, if `exc` is (a group of) what the environment caused: a port in
+    use, a DATA_DIR held by another process, a backend refusing at start-up."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _environment_failure(inner)
+            if found is not None:
+                return found
+        return None
+    return exc if isinstance(exc, (OSError, RuntimeError, redis.RedisError)) else None
+
+
 def main() -> int:
     try:
         config = config_module.load()
@@ -741,8 +753,11 @@ def main() -> int:
         gc.set_threshold(50_000, 20, 20)
         try:
             trio.run(run, config)
-        except (OSError, RuntimeError, redis.RedisError) as exc:
-            log.critical("server.failed", extra={"fields": {"error": str(exc)}})
+        except BaseException as exc:
+            failure = _environment_failure(exc)
+            if failure is None:
+                raise
+            log.critical("server.failed", extra={"fields": {"error": str(failure)}})
             return 1
         return 0
     finally:

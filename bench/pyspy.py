@@ -31,6 +31,11 @@ COMPONENTS: tuple[tuple[str, str], ...] = (
     ("limiter.py", "Tandem limiter.py"),
     ("logging_setup.py", "logging"),
     ("logging/", "logging"),
+    ("asyncio/", "asyncio"),
+    ("uvicorn/", "uvicorn"),
+    ("websockets/", "websockets"),
+    ("socketio/", "python-socketio / engineio"),
+    ("engineio/", "python-socketio / engineio"),
     ("threading.py", "threads (stdlib)"),
     ("queue.py", "threads (stdlib)"),
     ("socket.py", "sockets (stdlib)"),
@@ -127,7 +132,10 @@ class Profile:
 
 def component(file: str) -> str:
     for prefix, name in COMPONENTS:
-        if file.startswith(prefix) or f"/{prefix}" in file:
+        if prefix.endswith("/") or prefix.startswith("<"):
+            if file.startswith(prefix) or f"/{prefix}" in file:
+                return name
+        elif file == prefix or file.endswith(f"/python3.11/{prefix}"):  # a top-level module: Tandem's or stdlib's
             return name
     return "other"
 

@@ -19,10 +19,17 @@ import socketio
 import uvicorn
 
 CHANNEL = "tandem-bench-sio"  # its own pub/sub channel on the shared bench Redis
+MAX_REDIS_CONNECTIONS = 1024
 
 
 def build(redis_url: str) -> Any:
-    manager = socketio.AsyncRedisManager(redis_url, channel=CHANNEL)
+    # redis-py 8's asyncio pool refuses a 101st concurrent command ("Too many
+    # connections"), and AsyncRedisManager then reconnects with a new client per
+    # failed publish: 200 clients each with an emit in flight hit that at once.
+    # A larger pool is the one-line fix a user would make.
+    manager = socketio.AsyncRedisManager(
+        redis_url, channel=CHANNEL, redis_options={"max_connections": MAX_REDIS_CONNECTIONS}
+    )
     sio = socketio.AsyncServer(async_mode="asgi", client_manager=manager, logger=False, engineio_logger=False)
     rooms: dict[str, str] = {}
     seqs: dict[str, int] = {}
