@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +25,8 @@ import orjson
 import redis
 import redis.cluster
 import trio
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -405,6 +407,10 @@ class RedisStore(SessionStore):
                     nursery.cancel_scope.deadline = trio.current_time() + SOCKET_TIMEOUT_S
         finally:
             await trio.to_thread.run_sync(client.close)
+
+    def register_metrics(self, registry: CollectorRegistry) -> None:
+        """Expose the listener's restarts in `registry` (/metrics)."""
+        registry.register(_ListenerCollector(self.stats))
 
     # -- the writer: one pipeline of scripts per tick --
 
@@ -794,6 +800,22 @@ class RedisStore(SessionStore):
                 self._dispatch(Takeover(code, exclude.decode(), payload.decode()))
             elif what == b"e":
                 self._dispatch(Ended(code, payload.decode()))
+
+
+class _ListenerCollector(Collector):
+    def __init__(self, stats: ListenerStats) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        restarts = CounterMetricFamily(
+            "tandem_redis_listener_restarts", "Pub/sub listener restarts, by cause", labels=["cause"]
+        )
+        restarts.add_metric(["disconnected"], self._stats.reconnects)
+        restarts.add_metric(["crashed"], self._stats.restarts)
+        yield restarts
+        yield CounterMetricFamily(
+            "tandem_redis_events_received", "Session events received over pub/sub", value=self._stats.received
+        )
 
 
 def _kind(message: dict[str, Any]) -> str:

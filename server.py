@@ -700,6 +700,8 @@ async def lifespan(config: Config) -> AsyncIterator[Tandem]:
         tandem = Tandem(config, hub, store)
         tandem.archive = archive
         archive.register_metrics(tandem.metrics.registry)  # tandem_archive_*; nothing without DATABASE_URL
+        if isinstance(store, RedisStore):
+            store.register_metrics(tandem.metrics.registry)  # tandem_redis_listener_restarts_total
         if config.database_url is not None:
             tandem.health.readiness.add(health.Check("database", archive.check, component_id="postgresql"))
         async with trio.open_nursery() as nursery:

@@ -21,8 +21,17 @@ COMPONENTS: tuple[tuple[str, str], ...] = (
     ("h11/", "h11 (HTTP)"),
     ("starlette/", "starlette"),
     ("trio_websocket/", "trio-websocket"),
-    ("trio/", "trio (scheduler, sockets, channels, threads)"),
-    ("outcome/", "trio (scheduler, sockets, channels, threads)"),
+    ("trio/_socket.py", "socket send/recv system calls"),
+    ("trio/_core/_io_epoll.py", "trio I/O polling (epoll)"),
+    ("trio/_channel.py", "trio memory channels"),
+    ("trio/_threads.py", "trio thread hand-off (to_thread/from_thread)"),
+    ("trio/_core/_thread_cache.py", "trio thread hand-off (to_thread/from_thread)"),
+    ("trio/_core/_entry_queue.py", "trio thread hand-off (to_thread/from_thread)"),
+    ("trio/_core/_run.py", "trio scheduler and cancel scopes"),
+    ("trio/_core/_traps.py", "trio scheduler and cancel scopes"),
+    ("trio/_core/_ki.py", "trio scheduler and cancel scopes"),
+    ("outcome/", "trio scheduler and cancel scopes"),
+    ("trio/", "trio, other"),
     ("redis/", "redis-py (client, parser)"),
     ("session_store.py", "Tandem store (incl. SQLite calls)"),
     ("redis_store.py", "Tandem store (incl. SQLite calls)"),
@@ -132,7 +141,7 @@ class Profile:
 
 def component(file: str) -> str:
     for prefix, name in COMPONENTS:
-        if prefix.endswith("/") or prefix.startswith("<"):
+        if "/" in prefix or prefix.startswith("<"):
             if file.startswith(prefix) or f"/{prefix}" in file:
                 return name
         elif file == prefix or file.endswith(f"/python3.11/{prefix}"):  # a top-level module: Tandem's or stdlib's
