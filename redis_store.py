@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+import protocol
 from limiter import LUA_WINDOW_FUNCTIONS, LimitKey, RedisLimiter, rate_limited, redis_key
 from protocol import ClientError, ErrorCode, Member, ServerError
 from session_store import (
@@ -753,20 +754,11 @@ class RedisStore(SessionStore):
                 # it for good (tests/test_redis.py::test_session_expiring_while_an_instance_
                 # cannot_listen_...). End it for them now; the reason is gone with the
                 # session, so it is the common one.
-                notice = orjson.dumps({"type": "session:expired", "code": code, "reason": "idle"}).decode()
+                notice = protocol.serialize(protocol.SessionExpired(code, "idle"))
                 self._dispatch(Ended(code, notice))
                 continue
             for m in messages:
-                text = orjson.dumps(
-                    {
-                        "type": "message",
-                        "code": code,
-                        "seq": m.seq,
-                        "from": m.sender,
-                        "data": orjson.Fragment(m.data),
-                        "ts": m.ts,
-                    }
-                ).decode()
+                text = protocol.serialize(protocol.Message(code, m.seq, m.sender, m.data, m.ts))
                 self._dispatch(Broadcast(code, text, m.sender, m.seq))
 
     def _deliver(self, batch: list[dict[str, Any]]) -> None:

@@ -106,6 +106,36 @@ def machine() -> dict[str, Any]:
     }
 
 
+def scrape_metrics(port: int, timeout: float = 2.0) -> dict[str, float]:
+    """Tandem's /metrics as {"name{labels}": value}; {} if it does not answer (best effort)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{LOOPBACK}:{port}/metrics", timeout=timeout) as response:
+            text = response.read().decode()
+    except (OSError, ValueError):
+        return {}
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            with contextlib.suppress(ValueError):
+                values[name] = float(value)
+    return values
+
+
+def metric_mean_ms(before: dict[str, float], after: dict[str, float], name: str, having: str = "") -> float | None:
+    """Mean of histogram `name` between two scrapes, in ms, over the series whose labels contain
+    `having` (e.g. 'op="append"'); None if there is no such series or no observation."""
+    count = total = 0.0
+    for key, value in after.items():
+        if key.startswith(f"{name}_count") and having in key:
+            count += value - before.get(key, 0.0)
+            total_key = f"{name}_sum" + key[len(f"{name}_count") :]
+            total += after.get(total_key, 0.0) - before.get(total_key, 0.0)
+    return total / count * 1000 if count > 0 else None
+
+
 # --- child processes ---------------------------------------------------------------
 
 

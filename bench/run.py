@@ -47,10 +47,12 @@ from bench.common import (
     cpu_seconds,
     free_port,
     machine,
+    metric_mean_ms,
     parse_line,
     percentile,
     raise_nofile,
     rss_kib,
+    scrape_metrics,
     spawn,
 )
 from bench.pyspy import Profile
@@ -229,6 +231,7 @@ class Bench:
             cwd=data,
             port=port,
         )
+        child.extra["tandem"] = True
         return self._server(child)
 
     def bare(self) -> Child:
@@ -338,14 +341,25 @@ class Bench:
         start, end = t0 + int(p.warmup * 1e9), t0 + int((p.warmup + p.duration) * 1e9)
         time.sleep(max(0.0, (start - time.monotonic_ns()) / 1e9))
         cpu0 = {k: cpu_seconds(c.pid) for k, c in watch.items()}
+        tandems = [c for c in watch.values() if c.extra.get("tandem")]
+        metrics0 = [scrape_metrics(c.port) for c in tandems]
         if at_window is not None:
             at_window()
         time.sleep(max(0.0, (end - time.monotonic_ns()) / 1e9))
         cpu1 = {k: cpu_seconds(c.pid) for k, c in watch.items()}
+        metrics1 = [scrape_metrics(c.port) for c in tandems]
         results = workers.expect("result", p.drain + RESULT_GRACE)
         workers.stop()
         m = Measure(name, p.duration)
         m.cpu_s = {k: cpu1[k] - cpu0[k] for k in watch}
+        # Where a message's time goes on the server, from Tandem's own /metrics (first instance).
+        if metrics0 and metrics1:
+            handling = metric_mean_ms(metrics0[0], metrics1[0], "tandem_message_handling_seconds")
+            append = metric_mean_ms(metrics0[0], metrics1[0], "tandem_store_operation_seconds", 'op="append"')
+            if handling is not None:
+                m.extra["handling_mean_ms"] = round(handling, 3)
+            if append is not None:
+                m.extra["append_mean_ms"] = round(append, 3)
         for r in results:
             m.delivered += r["delivered"]
             m.acked += r["acked"]
@@ -359,9 +373,12 @@ class Bench:
         m.extra["setup_s"] = max(r["setup_s"] for r in ready)
         m.extra["pairs"] = sum(r["pairs"] for r in ready)
         m.extra["failed_pairs"] = sum(r.get("failed", 0) for r in ready)
+        store = ""
+        if "handling_mean_ms" in m.extra:
+            store = f", handling {m.extra['handling_mean_ms']:.1f} ms (append {m.extra.get('append_mean_ms', 0):.1f})"
         log(
-            f"  {name}: {m.rate:,.0f} msgs/s, p50 {m.p(50):.2f} ms, p99 {m.p(99):.2f} ms, "
-            f"cores {m.cores():.2f} (+clients {m.client_cpu_s / m.duration:.2f}), errors {m.errors}, closed {m.closed}"
+            f"  {name}: {m.rate:,.0f} msgs/s, p50 {m.p(50):.2f} ms, p99 {m.p(99):.2f} ms, cores {m.cores():.2f}"
+            f" (+clients {m.client_cpu_s / m.duration:.2f}){store}, errors {m.errors}, closed {m.closed}"
         )
         return m
 
@@ -633,6 +650,12 @@ def build_table(plan: Plan, runs: dict[str, list[Measure]], profiles: dict[str, 
     def rates(ms: list[Measure], label: str) -> None:
         t.detail(label, f"{med([m.rate for m in ms]):,.0f}", spread([m.rate for m in ms], ",.0f"), cpu_text(ms))
 
+    def store_time(ms: list[Measure]) -> None:
+        handling = [m.extra["handling_mean_ms"] for m in ms if "handling_mean_ms" in m.extra]
+        append = [m.extra["append_mean_ms"] for m in ms if "append_mean_ms" in m.extra]
+        if handling and append:
+            t.detail("mean ms, send read → ack queued / of it store append", f"{med(handling):.1f} / {med(append):.1f}")
+
     def server_us(ms: list[Measure], label: str, names: tuple[str, ...] = ("server",)) -> None:
         values = [m.us_per_msg(*names) for m in ms]
         t.detail(label, f"{med(values):.0f}", spread(values, ".0f"))
@@ -646,6 +669,7 @@ def build_table(plan: Plan, runs: dict[str, list[Measure]], profiles: dict[str, 
         )
         t.detail("p50, ms", f"{med(p50):.2f}", spread(p50, ".2f"))
         t.detail("delivered msgs/s (offered)", f"{med([m.rate for m in ms]):,.0f} ({plan.rate:,.0f})")
+        store_time(ms)
 
     if 1 in figures and bare and sqlite:
         values = ratios(sqlite, bare)
@@ -653,6 +677,7 @@ def build_table(plan: Plan, runs: dict[str, list[Measure]], profiles: dict[str, 
         rates(sqlite, "Tandem embedded, msgs/s")
         rates(bare, "bare relay, msgs/s")
         server_us(sqlite, "server CPU per message, µs: Tandem embedded")
+        store_time(sqlite)
         server_us(bare, "server CPU per message, µs: bare relay")
     if 2 in figures and bare and redis:
         values = ratios(redis, bare)
@@ -661,6 +686,7 @@ def build_table(plan: Plan, runs: dict[str, list[Measure]], profiles: dict[str, 
         if 1 not in figures:
             rates(bare, "bare relay, msgs/s")
         server_us(redis, "server CPU per message, µs: Tandem")
+        store_time(redis)
         server_us(redis, "Redis CPU per message, µs", ("redis",))
     if 3 in figures and lat_sqlite:
         latencies(lat_sqlite, f"latency at {plan.rate:,.0f} msgs/s, embedded", 10, "3")
@@ -687,6 +713,7 @@ def build_table(plan: Plan, runs: dict[str, list[Measure]], profiles: dict[str, 
             cpu_text(idle),
         )
         t.detail("p50, ms", f"{med([m.p(50) for m in idle]):.2f}", spread([m.p(50) for m in idle], ".2f"))
+        store_time(idle)
     if 5 in figures and redis and sio:
         values = ratios(redis, sio)
         t.figure(
