@@ -50,6 +50,7 @@ class Config:
     send_queue_bytes: int = 1024 * 1024
     max_consecutive_errors: int = 20
     sweep_interval: float = 1.0
+    gc_full_interval: float = 300.0  # 0: CPython's automatic collector
     sqlite_synchronous: str = "FULL"
     redis_url: str | None = None  # set: sessions live in Redis, shared by instances
     redis_cluster: bool = False
@@ -260,6 +261,7 @@ def load(env: Mapping[str, str] | None = None, dotenv: Path | None = Path(".env"
         send_queue_bytes=r.integer("SEND_QUEUE_BYTES", DEFAULTS.send_queue_bytes, 65536, 2**30),
         max_consecutive_errors=r.integer("MAX_CONSECUTIVE_ERRORS", DEFAULTS.max_consecutive_errors, 1, 10_000),
         sweep_interval=r.seconds("SWEEP_INTERVAL", DEFAULTS.sweep_interval, 0.05, 3600),
+        gc_full_interval=r.seconds("GC_FULL_INTERVAL", DEFAULTS.gc_full_interval, 0, 86400),
         sqlite_synchronous=r.choice("SQLITE_SYNCHRONOUS", DEFAULTS.sqlite_synchronous, ("NORMAL", "FULL")),
         redis_url=r.get("REDIS_URL", DEFAULTS.redis_url, _redis_url, "a redis://, rediss:// or unix:// URL"),
         redis_cluster=r.get("REDIS_CLUSTER", DEFAULTS.redis_cluster, _flag, "0 or 1"),

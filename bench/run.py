@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ from bench.common import (
     cpu_seconds,
     free_port,
     machine,
+    machine_busy_seconds,
     metric_mean_ms,
     parse_line,
     percentile,
@@ -80,6 +82,8 @@ class Plan:
 
 QUICK = Plan(rounds=1, warmup=1.0, duration=3.0, idle_connections=2_000, profile_seconds=3.0)
 ALL_FIGURES = (1, 2, 3, 4, 5, 6, 7)
+# Figure 7's profiles: (store, load): as fast as acks allow, and at figure 3's fixed rate.
+PROFILES = (("sqlite", "throughput"), ("redis", "throughput"), ("sqlite", "rate"))
 
 
 # --- one measurement ---------------------------------------------------------------------
@@ -170,7 +174,12 @@ class Workers:
             except queue.Empty:
                 continue
             if not line:
-                raise RuntimeError(f"worker {i} exited before {kind}: {self.children[i].output()}")
+                child = self.children[i]
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    child.proc.wait(5)
+                raise RuntimeError(
+                    f"worker {child.name} exited with {child.proc.returncode} before {kind}: {child.output()}"
+                )
             k, body = parse_line(line)
             if k == kind:
                 got[i] = body
@@ -339,14 +348,20 @@ class Bench:
         t0 = time.monotonic_ns() + 300_000_000
         workers.tell(f"go {t0}")
         start, end = t0 + int(p.warmup * 1e9), t0 + int((p.warmup + p.duration) * 1e9)
+        # /metrics is read just outside the window (a scrape costs the server a
+        # session count on its store), and /proc at its edges (costs it nothing).
+        tandems = [c for c in watch.values() if c.extra.get("tandem")]
+        time.sleep(max(0.0, (start - time.monotonic_ns()) / 1e9 - 0.5))
+        metrics0 = [scrape_metrics(c.port) for c in tandems]
         time.sleep(max(0.0, (start - time.monotonic_ns()) / 1e9))
         cpu0 = {k: cpu_seconds(c.pid) for k, c in watch.items()}
-        tandems = [c for c in watch.values() if c.extra.get("tandem")]
-        metrics0 = [scrape_metrics(c.port) for c in tandems]
+        busy0 = machine_busy_seconds()
         if at_window is not None:
             at_window()
         time.sleep(max(0.0, (end - time.monotonic_ns()) / 1e9))
         cpu1 = {k: cpu_seconds(c.pid) for k, c in watch.items()}
+        busy1 = machine_busy_seconds()
+        time.sleep(0.05)  # past the window's last deliveries
         metrics1 = [scrape_metrics(c.port) for c in tandems]
         results = workers.expect("result", p.drain + RESULT_GRACE)
         workers.stop()
@@ -367,6 +382,9 @@ class Bench:
             m.client_cpu_s += r["cpu_s"]
             m.latencies_us.extend(r["latencies_us"])
         m.latencies_us.sort()
+        # The rest of the machine: every other process (other engineers' test runs, say).
+        ours = sum(m.cpu_s.values()) + m.client_cpu_s
+        m.extra["other_cores"] = round(max(0.0, busy1 - busy0 - ours) / m.duration, 3)
         m.extra["setup_s"] = max(r["setup_s"] for r in ready)
         m.extra["pairs"] = sum(r["pairs"] for r in ready)
         m.extra["failed_pairs"] = sum(r.get("failed", 0) for r in ready)
@@ -375,7 +393,8 @@ class Bench:
             store = f", send-to-ack in server {m.extra['handling_mean_ms']:.1f} ms"
         log(
             f"  {name}: {m.rate:,.0f} msgs/s, p50 {m.p(50):.2f} ms, p99 {m.p(99):.2f} ms, cores {m.cores():.2f}"
-            f" (+clients {m.client_cpu_s / m.duration:.2f}){store}, errors {m.errors}, closed {m.closed}"
+            f" (+clients {m.client_cpu_s / m.duration:.2f}, rest of machine {m.extra['other_cores']:.2f}){store},"
+            f" errors {m.errors}, closed {m.closed}"
         )
         return m
 
@@ -417,13 +436,15 @@ class Bench:
         per_member = p.rate / p.pairs / 2
         servers: list[Child] = []
         try:
-            if kind == "sqlite":
+            if kind == "bare":
+                servers = [self.bare()]
+            elif kind == "sqlite":
                 servers = [self.tandem("tandem-sqlite")]
             else:
                 self.flush_redis()
                 servers = [self.tandem(f"tandem-redis{i + 1}", redis=True) for i in range(2 if kind == "redis2" else 1)]
             watch = {f"server{i + 1}": s for i, s in enumerate(servers)}
-            if kind != "sqlite" and self.redis is not None:
+            if kind in ("redis", "redis2") and self.redis is not None:
                 watch["redis"] = self.redis
             urls = [f"ws://{LOOPBACK}:{s.port}/ws" for s in servers]
             workers = Workers(
@@ -514,8 +535,8 @@ class Bench:
         finally:
             self.stop(server)
 
-    def profile(self, kind: str) -> tuple[Measure, Profile]:
-        """Figure 7: py-spy on Tandem during a throughput run (not one of the measured rounds)."""
+    def profile(self, kind: str, mode: str = "throughput") -> tuple[Measure, Profile]:
+        """Figure 7: py-spy on Tandem during a throughput or fixed-rate run (not one of the measured rounds)."""
         p = replace(self.plan, duration=self.plan.profile_seconds)
         spy = shutil.which("py-spy") or str(Path(PYTHON).parent / "py-spy")
         if not Path(spy).exists():
@@ -523,12 +544,13 @@ class Bench:
         if kind == "redis":
             self.flush_redis()
         server = self.tandem(f"tandem-{kind}-profiled", redis=kind == "redis")
-        raw = self.out / f"profile-{kind}.txt"
+        raw = self.out / f"profile-{kind}-{mode}.txt"
         recorder: list[subprocess.Popen[bytes]] = []
         try:
             saved, self.plan = self.plan, p
             urls = [f"ws://{LOOPBACK}:{server.port}/ws"]
-            workers = Workers(self, "bench.load", self._configs("throughput", urls, p.pairs, p.clients), "profile")
+            extra = {"rate": p.rate / p.pairs / 2} if mode == "rate" else {}
+            workers = Workers(self, "bench.load", self._configs(mode, urls, p.pairs, p.clients, **extra), "profile")
 
             def record() -> None:
                 args = [
@@ -550,7 +572,7 @@ class Bench:
                     recorder.append(subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT))
 
             try:
-                m = self.measure(f"profiled {kind}", {"server1": server}, workers, at_window=record)
+                m = self.measure(f"profiled {kind} {mode}", {"server1": server}, workers, at_window=record)
             finally:
                 workers.stop()
                 self.plan = saved
@@ -583,11 +605,14 @@ def spread(values: list[float], fmt: str) -> str:
 
 
 def verdict(value: float, target: float, higher_is_better: bool) -> str:
+    """ "yes", or "no" with how far off the target the value is, in percent of the target."""
     if value != value:  # nan
         return "n/a"
-    if higher_is_better:
-        return "yes" if value >= target else f"no ({(value / target - 1) * 100:+.0f}%)"
-    return "yes" if value <= target else f"no ({(value / target - 1) * 100:+.0f}%)"
+    met = value >= target if higher_is_better else value <= target
+    if met:
+        return "yes"
+    off = (value / target - 1) * 100
+    return f"no ({off:+.1f}%)" if abs(off) < 10 else f"no ({off:+.0f}%)"
 
 
 Row = tuple[str, str, str, str, str, str]
@@ -604,7 +629,14 @@ class Table:
         self.rows.append(("    " + label, value, spread_text, "", "", cpu))
 
     def text(self) -> str:
-        head: Row = ("figure", "median", "spread (min - max)", "target", "met", "CPU cores: server / Redis / clients")
+        head: Row = (
+            "figure",
+            "median",
+            "spread (min - max)",
+            "target",
+            "met",
+            "CPU cores: server / Redis / clients / rest",
+        )
         rows = [head, *self.rows]
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
         lines = []
@@ -624,13 +656,10 @@ def cpu_text(ms: list[Measure]) -> str:
     if not ms:
         return ""
     server = med([m.cores("server") for m in ms])
-    redis = med([m.cores("redis") for m in ms])
+    redis = f"{med([m.cores('redis') for m in ms]):.2f}" if any("redis" in m.cpu_s for m in ms) else "-"
     clients = med([m.client_cpu_s / m.duration for m in ms])
-    return (
-        f"{server:.2f} / {redis:.2f} / {clients:.2f}"
-        if any("redis" in m.cpu_s for m in ms)
-        else f"{server:.2f} / - / {clients:.2f}"
-    )
+    other = med([m.extra.get("other_cores", float("nan")) for m in ms])
+    return f"{server:.2f} / {redis} / {clients:.2f} / {other:.2f}"
 
 
 def build_table(plan: Plan, runs: dict[str, list[Measure]], profiles: dict[str, Profile], figures: set[int]) -> Table:
@@ -639,10 +668,14 @@ def build_table(plan: Plan, runs: dict[str, list[Measure]], profiles: dict[str, 
     bare, sqlite, redis = get("throughput bare", []), get("throughput sqlite", []), get("throughput redis", [])
     sio, redis2 = get("throughput socketio", []), get("throughput redis2", [])
     lat_sqlite, lat_redis, lat_redis2 = get("latency sqlite", []), get("latency redis", []), get("latency redis2", [])
+    lat_bare = get("latency bare", [])
     idle = get("idle", [])
 
     def ratios(a: list[Measure], b: list[Measure]) -> list[float]:
-        return [x.rate / y.rate for x, y in zip(a, b, strict=False) if y.rate]
+        """a ÷ b, round by round (a round that failed on either side is left out)."""
+        by_round = {m.extra.get("round"): m for m in b}
+        pairs = [(x, by_round.get(x.extra.get("round"))) for x in a]
+        return [x.rate / y.rate for x, y in pairs if y is not None and y.rate]
 
     def rates(ms: list[Measure], label: str) -> None:
         t.detail(label, f"{med([m.rate for m in ms]):,.0f}", spread([m.rate for m in ms], ",.0f"), cpu_text(ms))
@@ -690,6 +723,13 @@ def build_table(plan: Plan, runs: dict[str, list[Measure]], profiles: dict[str, 
         server_us(redis, "Redis CPU per message, µs", ("redis",))
     if 3 in figures and lat_sqlite:
         latencies(lat_sqlite, f"latency at {plan.rate:,.0f} msgs/s, embedded", 10, "3")
+    if 3 in figures and lat_bare:
+        t.detail(
+            "bare relay at the same load: p50 / p99, ms",
+            f"{med([m.p(50) for m in lat_bare]):.2f} / {med([m.p(99) for m in lat_bare]):.2f}",
+            spread([m.p(99) for m in lat_bare], ".2f"),
+            cpu_text(lat_bare),
+        )
     if 3 in figures and lat_redis:
         latencies(lat_redis, f"latency at {plan.rate:,.0f} msgs/s, Redis", 15, "3")
     if 4 in figures and idle:
@@ -738,7 +778,9 @@ def build_table(plan: Plan, runs: dict[str, list[Measure]], profiles: dict[str, 
                 continue
             threads = profile.threads()
             loop = threads.get("event loop (main thread)", 0) / profile.samples * 100
-            t.rows.append((f"7 profile, Tandem {kind}: event loop share", f"{loop:.0f}%", "", "", "", ""))
+            load = "as fast as acks allow" if kind.endswith("throughput") else f"{plan.rate:,.0f} msgs/s"
+            store = kind.split(",")[0].replace("sqlite", "embedded").replace("redis", "Redis")
+            t.rows.append((f"7 profile, {store}, {load}: event loop", f"{loop:.0f}%", "", "", "", ""))
             for name, count in profile.components().most_common(5):
                 t.detail(name, f"{count / profile.samples * 100:.0f}%")
     return t
@@ -806,6 +848,7 @@ def main(argv: list[str] | None = None) -> int:
 
     runs: dict[str, list[Measure]] = {}
     profiles: dict[str, Profile] = {}
+    failures: list[str] = []
     with output_dir(args.out) as out:
         (out / "logs").mkdir(exist_ok=True)
         bench = Bench(plan, out)
@@ -826,27 +869,53 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 if figs & figures
             ]
-            latency_kinds = [k for k, figs in (("sqlite", {3}), ("redis", {3, 6}), ("redis2", {6})) if figs & figures]
+            latency_kinds = [
+                k for k, figs in (("bare", {3}), ("sqlite", {3}), ("redis", {3, 6}), ("redis2", {6})) if figs & figures
+            ]
+
+            def record(key: str, r: int, run: Callable[[], Measure]) -> None:
+                """One measurement, tried twice; a failure is logged and leaves a gap in its round."""
+                for attempt in (1, 2):
+                    try:
+                        measured = run()
+                    except RuntimeError as exc:
+                        failures.append(f"{key}, round {r + 1}, attempt {attempt}: {str(exc)[:300]}")
+                        log(f"  {key} failed (attempt {attempt} of 2): {str(exc)[:2000]}")
+                        continue
+                    measured.extra["round"] = r
+                    runs.setdefault(key, []).append(measured)
+                    return
+
             for r in range(plan.rounds):
                 log(f"round {r + 1}/{plan.rounds}: throughput")
                 for kind in throughput_kinds:
-                    runs.setdefault(f"throughput {kind}", []).append(bench.throughput(kind))
+                    record(f"throughput {kind}", r, partial(bench.throughput, kind))
             for r in range(plan.rounds):
                 if latency_kinds:
                     log(f"round {r + 1}/{plan.rounds}: latency at {plan.rate:,.0f} msgs/s")
                 for kind in latency_kinds:
-                    runs.setdefault(f"latency {kind}", []).append(bench.latency(kind))
+                    record(f"latency {kind}", r, partial(bench.latency, kind))
             if 4 in figures:
                 for r in range(plan.rounds):
                     log(f"round {r + 1}/{plan.rounds}: {plan.idle_connections:,} connections")
-                    runs.setdefault("idle", []).append(bench.idle())
+                    record("idle", r, bench.idle)
                 log(f"bare relay holding {plan.idle_connections:,} connections (figure 4's floor)")
-                runs["idle"][0].extra["bare_kib_per_connection"] = round(bench.idle_bare(), 2)
+                if runs.get("idle"):
+                    try:
+                        runs["idle"][0].extra["bare_kib_per_connection"] = round(bench.idle_bare(), 2)
+                    except RuntimeError as exc:
+                        failures.append(f"bare relay holding connections: {str(exc)[:300]}")
+                        log(f"  failed: {str(exc)[:2000]}")
             if 7 in figures:
-                for kind in ("sqlite", "redis"):
-                    log(f"profile: Tandem {kind}")
-                    measured, profiles[kind] = bench.profile(kind)
-                    runs.setdefault(f"profiled {kind}", []).append(measured)
+                for kind, mode in PROFILES:
+                    log(f"profile: Tandem {kind}, {mode}")
+                    try:
+                        measured, profiles[f"{kind}, {mode}"] = bench.profile(kind, mode)
+                    except RuntimeError as exc:
+                        failures.append(f"profile {kind} {mode}: {str(exc)[:300]}")
+                        log(f"  failed: {str(exc)[:2000]}")
+                        continue
+                    runs.setdefault(f"profiled {kind} {mode}", []).append(measured)
         finally:
             bench.close()
         elapsed = time.monotonic() - clock
@@ -861,12 +930,17 @@ def main(argv: list[str] | None = None) -> int:
             f"each figure: median of {plan.rounds} run(s) of {plan.duration:g} s after {plan.warmup:g} s warm-up; "
             f"{plan.pairs} pairs over {plan.clients} client processes; data {PAYLOAD_BYTES} bytes",
         ]
+        if failures:
+            header.append(
+                f"failed attempts: {len(failures)} (each retried once; a round that failed twice is left out)"
+            )
+            header += [f"  {f}" for f in failures]
         print("\n".join(header))
         print()
         print(table.text())
         for kind, profile in profiles.items():
             print()
-            print(f"Figure 7, py-spy on Tandem ({kind}) during a throughput run:")
+            print(f"Figure 7, py-spy on Tandem ({kind} load):")
             print("\n".join("  " + line for line in profile.lines()))
         results = {
             "started": started.isoformat(),
@@ -874,6 +948,7 @@ def main(argv: list[str] | None = None) -> int:
             "load_before": load_before,
             "plan": plan.__dict__,
             "runs": {k: [m.summary() for m in v] for k, v in runs.items()},
+            "failures": failures,
         }
         (out / "results.json").write_text(json.dumps(results, indent=1))
         (out / "table.txt").write_text("\n".join(header) + "\n\n" + table.text() + "\n")
