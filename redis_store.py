@@ -11,6 +11,7 @@ subscriptions of the sessions with a member here and hands events to the hub.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import queue
 import threading
@@ -34,6 +35,7 @@ import protocol
 from limiter import LUA_WINDOW_FUNCTIONS, LimitKey, RedisLimiter, rate_limited, redis_key
 from protocol import ClientError, ErrorCode, Member, ServerError
 from session_store import (
+    CODE_ATTEMPTS,
     Broadcast,
     Created,
     Dispatch,
@@ -467,7 +469,7 @@ class RedisStore(SessionStore):
     async def create(
         self, new_code: Callable[[], str], client_id: str, token_hash: bytes, conn_id: str, now: int
     ) -> Created:
-        for _ in range(8):
+        for _ in range(CODE_ATTEMPTS):
             code = new_code()
             await self._index_for_expiry(code, now + min(self._idle_ms, self._ttl_ms), now + self._ttl_ms)
             result = await self._run(
@@ -820,23 +822,4 @@ def _code_of(name: str) -> str:
 
 
 def _sha1(body: str) -> str:
-    import hashlib
-
     return hashlib.sha1(body.encode()).hexdigest()
-
-
-def wait_for_redis(url: str, timeout: float) -> None:
-    """Block until Redis at `url` answers PING (tests and tools)."""
-    client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            try:
-                client.ping()
-                return
-            except (redis.ConnectionError, redis.TimeoutError):
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-    finally:
-        client.close()
