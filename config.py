@@ -22,6 +22,9 @@ import protocol
 T = TypeVar("T")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# The protocol allows 6-character codes; Tandem issues no fewer than 8, since 6
+# falls to a thousand guessing addresses within hours (README "Security").
+MIN_CODE_LENGTH = 8
 
 
 class ConfigError(ValueError):
@@ -45,6 +48,8 @@ class Config:
     ping_interval: float = 20.0
     shutdown_grace: float = 10.0
     log_level: str = "INFO"
+    # 8 characters of a 32-letter alphabet: 2**40 codes. 6 (allowed by the
+    # protocol) falls to a botnet in hours; README "Security" has the bound.
     code_length: int = 8
     send_queue_frames: int = 256
     send_queue_bytes: int = 1024 * 1024
@@ -65,17 +70,29 @@ class Config:
     rate_limit_enabled: bool = True
     rate_limit_messages_user: tuple[int, float] | None = (10, 60.0)
     rate_limit_messages_ip: tuple[int, float] | None = (20, 60.0)
-    rate_limit_connections_ip: tuple[int, float] | None = (5, 60.0)
+    # A burst of 60 new sockets, then one a second: page reloads and a NAT's
+    # users pass; MAX_SOCKETS_IP bounds what one address holds at once.
+    rate_limit_connections_ip: tuple[int, float] | None = (60, 60.0)
+    # Failed joins and resumes per address, and per code (any address).
     rate_limit_join_failures_ip: tuple[int, float] | None = (10, 60.0)
+    rate_limit_code_failures: tuple[int, float] | None = (10, 600.0)
     rate_limit_api_ip: tuple[int, float] | None = (60, 60.0)
     rate_limit_fail_closed: bool = False
     trusted_proxies: tuple[str, ...] = ()  # peers whose X-Forwarded-For is believed
+    # Hostile clients (README "Security").
+    max_sockets: int = 20_000  # open WebSockets per process; 0: no cap
+    max_sockets_ip: int = 64  # per address (IPv6: per /64); 0: no cap
+    idle_socket_timeout: float = 60.0  # a socket in no session is closed after this long
+    ws_compression: bool = False  # permessage-deflate, inflation bounded by MAX_MESSAGE_BYTES
+    http2_cleartext: bool = False  # h2c upgrade and prior-knowledge HTTP/2 on the plain port
+    hash_key: str = field(default="", repr=False)  # keyed hashes of addresses and codes; empty: generated
+    metrics_token: str = field(default="", repr=False)  # /metrics needs this bearer token (else loopback only)
+    metrics_address: str | None = None  # host:port of a separate /metrics listener
     # Logs, probes and the drain (logging_setup.py, health.py).
     log_format: str = "auto"  # auto: console on a terminal, else json
     log_file: Path | None = None
     log_retention_days: int = 7
     log_ip_mode: str = "hash"  # hash: keyed hash of the address; truncate: its /24 or /48
-    log_ip_key: str = field(default="", repr=False)  # empty: a random key per process
     liveness_max_lag: float = 5.0
     ready_timeout: float = 1.0
     pre_drain_delay: float = 0.0
@@ -227,6 +244,13 @@ def _database_url(raw: str | None) -> str | None:
     return url
 
 
+def _address(raw: str) -> str:
+    host, sep, port = raw.rpartition(":")
+    if not sep or not host or not 1 <= int(port) <= 65535 or any(c.isspace() for c in raw):
+        raise ValueError(raw)
+    return raw
+
+
 def _host(raw: str) -> str:
     if any(c.isspace() for c in raw):
         raise ValueError(raw)
@@ -256,7 +280,7 @@ def load(env: Mapping[str, str] | None = None, dotenv: Path | None = Path(".env"
         ping_interval=r.seconds("PING_INTERVAL", DEFAULTS.ping_interval, 0.1, 3600),
         shutdown_grace=r.seconds("SHUTDOWN_GRACE", DEFAULTS.shutdown_grace, 0.5, 600),
         log_level=r.choice("LOG_LEVEL", DEFAULTS.log_level, LOG_LEVELS),
-        code_length=r.integer("CODE_LENGTH", DEFAULTS.code_length, protocol.MIN_CODE_CHARS, protocol.MAX_CODE_CHARS),
+        code_length=r.integer("CODE_LENGTH", DEFAULTS.code_length, MIN_CODE_LENGTH, protocol.MAX_CODE_CHARS),
         send_queue_frames=r.integer("SEND_QUEUE_FRAMES", DEFAULTS.send_queue_frames, 8, 100_000),
         send_queue_bytes=r.integer("SEND_QUEUE_BYTES", DEFAULTS.send_queue_bytes, 65536, 2**30),
         max_consecutive_errors=r.integer("MAX_CONSECUTIVE_ERRORS", DEFAULTS.max_consecutive_errors, 1, 10_000),
@@ -282,6 +306,9 @@ def load(env: Mapping[str, str] | None = None, dotenv: Path | None = Path(".env"
         rate_limit_join_failures_ip=r.get(
             "RATE_LIMIT_JOIN_FAILURES_IP", DEFAULTS.rate_limit_join_failures_ip, _rate, _RATE_ALLOWED
         ),
+        rate_limit_code_failures=r.get(
+            "RATE_LIMIT_CODE_FAILURES", DEFAULTS.rate_limit_code_failures, _rate, _RATE_ALLOWED
+        ),
         rate_limit_api_ip=r.get("RATE_LIMIT_API_IP", DEFAULTS.rate_limit_api_ip, _rate, _RATE_ALLOWED),
         rate_limit_fail_closed=r.get("RATE_LIMIT_FAIL_CLOSED", DEFAULTS.rate_limit_fail_closed, _flag, "0 or 1"),
         trusted_proxies=r.get(
@@ -293,7 +320,16 @@ def load(env: Mapping[str, str] | None = None, dotenv: Path | None = Path(".env"
         log_file=r.get("LOG_FILE", DEFAULTS.log_file, _log_file, "a file path (not a directory)"),
         log_retention_days=r.integer("LOG_RETENTION_DAYS", DEFAULTS.log_retention_days, 1, 3650),
         log_ip_mode=r.get("LOG_IP_MODE", DEFAULTS.log_ip_mode, _one_of("hash", "truncate"), "hash or truncate"),
-        log_ip_key=r.get("LOG_IP_KEY", DEFAULTS.log_ip_key, _secret, "a secret of at least 16 characters"),
+        max_sockets=r.integer("MAX_SOCKETS", DEFAULTS.max_sockets, 0, 10_000_000),
+        max_sockets_ip=r.integer("MAX_SOCKETS_IP", DEFAULTS.max_sockets_ip, 0, 10_000_000),
+        idle_socket_timeout=r.seconds("IDLE_SOCKET_TIMEOUT", DEFAULTS.idle_socket_timeout, 0.1, 86400),
+        ws_compression=r.get("WS_COMPRESSION", DEFAULTS.ws_compression, _flag, "0 or 1"),
+        http2_cleartext=r.get("HTTP2_CLEARTEXT", DEFAULTS.http2_cleartext, _flag, "0 or 1"),
+        hash_key=r.get("HASH_KEY", DEFAULTS.hash_key, _secret, "a secret of at least 16 characters"),
+        metrics_token=r.get("METRICS_TOKEN", DEFAULTS.metrics_token, _secret, "a secret of at least 16 characters"),
+        metrics_address=r.get(
+            "METRICS_ADDRESS", DEFAULTS.metrics_address, _address, "HOST:PORT such as 127.0.0.1:9464"
+        ),
         liveness_max_lag=r.seconds("LIVENESS_MAX_LAG", DEFAULTS.liveness_max_lag, 0.1, 3600),
         ready_timeout=r.seconds("READY_TIMEOUT", DEFAULTS.ready_timeout, 0.05, 60),
         pre_drain_delay=r.seconds("PRE_DRAIN_DELAY", DEFAULTS.pre_drain_delay, 0, 300),

@@ -13,6 +13,9 @@ table of cases in the tests checks both.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import ipaddress
 import logging
 import time
 from collections import OrderedDict
@@ -54,8 +57,48 @@ class Limits:
     messages_user: Rule | None = None
     messages_ip: Rule | None = None
     connections_ip: Rule | None = None
-    join_failures_ip: Rule | None = None
+    join_failures_ip: Rule | None = None  # failed joins and resumes per address
+    code_failures: Rule | None = None  # failed joins and resumes per code, any address
     api_ip: Rule | None = None
+
+
+# IPv6 addresses are counted per /64: one subscriber usually holds a whole
+# /64 and can rotate through it at will.
+IPV6_BLOCK = 64
+
+
+def address_block(ip: str) -> str:
+    """What a limit per address counts: an IPv4 address, or an IPv6 address's /64."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, IPV6_BLOCK), strict=False))
+    return str(address)
+
+
+class Pseudonyms:
+    """Limiter keys for addresses and codes: keyed hashes, never the values.
+
+    Redis holds limiter keys where anyone with access can read them; an
+    unkeyed hash of an address is undone by hashing every address. The key is
+    HASH_KEY, or one every instance on the store shares.
+    """
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+
+    def _hash(self, kind: bytes, value: str) -> str:
+        return hmac.new(self._key, kind + value.encode(), hashlib.sha256).hexdigest()[:24]
+
+    def address(self, ip: str) -> str:
+        return self._hash(b"ip:", address_block(ip))
+
+    def code(self, code: str) -> str:
+        return self._hash(b"code:", code)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +120,7 @@ class Decision:
     remaining: int  # requests still allowed in the current window
     retry_after: float  # seconds until the next request is allowed; 0 if allowed
     reset: float  # seconds until the window holds no request at all
+    stamp: float = 0.0  # the time `hit` recorded, in the limiter's clock: what `refund` removes
 
     def headers(self, rule: Rule) -> dict[str, str]:
         """Retry-After (when refused) and the IETF draft RateLimit headers."""
@@ -109,13 +153,21 @@ def decide(history: Sequence[float], now: float, rule: Rule, consume: bool = Tru
     if consume:
         recent = [now, *recent][: rule.limit]
     reset = recent[0] + rule.window - now if recent else 0.0
-    return Decision(True, rule.limit - len(recent), 0.0, reset), recent
+    return Decision(True, rule.limit - len(recent), 0.0, reset, now), recent
 
 
 def record(history: Sequence[float], now: float, rule: Rule) -> list[float]:
-    """Record one event (a failed join) at `now`, whatever the count."""
+    """Record one event (a failed resume against a code) at `now`, whatever the count."""
     recent = [t for t in history[: rule.limit] if t > now - rule.window]
     return [now, *recent][: rule.limit]
+
+
+def refund(history: Sequence[float], stamp: float) -> list[float]:
+    """Take back one request admitted at `stamp`: counted first, it succeeded."""
+    recent = list(history)
+    if stamp in recent:
+        recent.remove(stamp)
+    return recent
 
 
 class Limiter(Protocol):
@@ -128,7 +180,16 @@ class Limiter(Protocol):
         ...
 
     async def record(self, rule: Rule, key: str) -> None:
-        """Count one event without checking (a failed join)."""
+        """Count one event without checking."""
+        ...
+
+    async def refund(self, rule: Rule, key: str, stamp: float) -> None:
+        """Take back the request that `hit` admitted at `stamp`.
+
+        Attempts that only count when they fail (joins, resumes) are counted
+        first, in the same atomic step as the check, and refunded on success:
+        a check followed by a later record lets concurrent attempts all pass.
+        """
         ...
 
 
@@ -174,6 +235,12 @@ class MemoryLimiter:
         slot = (rule.name, key)
         self._store(slot, record(self._keys.get(slot, ()), self._clock(), rule))
 
+    async def refund(self, rule: Rule, key: str, stamp: float) -> None:
+        slot = (rule.name, key)
+        history = self._keys.get(slot)
+        if history is not None:
+            self._keys[slot] = refund(history, stamp)
+
 
 # The rule of `decide` in Lua, shared by LUA_WINDOW and the session store's
 # append script. A key is a list of admitted times in ms, newest first.
@@ -193,8 +260,9 @@ local function window_add(key, limit, window, now)
 end
 """
 
-# KEYS[1]: the key. ARGV: limit, window_ms, mode ("hit", "peek" or "record"),
-# now_ms ("" = Redis TIME; the tests pass their own clock).
+# KEYS[1]: the key. ARGV: limit, window_ms, mode ("hit", "peek", "record" or
+# "refund"), now_ms ("" = Redis TIME; the tests pass their own clock; for
+# "refund" the stamp to take back). The reply's fifth item is the stamp.
 LUA_WINDOW = (
     LUA_WINDOW_FUNCTIONS
     + """
@@ -204,9 +272,13 @@ if ARGV[4] ~= '' then now = tonumber(ARGV[4]) else
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+if mode == 'refund' then
+  redis.call('LREM', KEYS[1], 1, string.format('%d', now))
+  return {1, 0, '0', '0', tostring(now)}
+end
 local recent = window_recent(KEYS[1], limit, window, now)
 if mode ~= 'record' and #recent >= limit then
-  return {0, 0, tostring(recent[limit] + window - now), tostring(recent[1] + window - now)}
+  return {0, 0, tostring(recent[limit] + window - now), tostring(recent[1] + window - now), tostring(now)}
 end
 if mode ~= 'peek' then
   window_add(KEYS[1], limit, window, now)
@@ -215,7 +287,7 @@ if mode ~= 'peek' then
 end
 local reset = 0
 if #recent > 0 then reset = recent[1] + window - now end
-return {1, limit - #recent, '0', tostring(reset)}
+return {1, limit - #recent, '0', tostring(reset), tostring(now)}
 """
 )
 
@@ -226,8 +298,8 @@ def redis_key(rule: Rule, key: str) -> str:
 
 
 def parse_reply(reply: Sequence[Any]) -> Decision:
-    allowed, remaining, retry_ms, reset_ms = reply
-    return Decision(bool(allowed), int(remaining), float(retry_ms) / 1000, float(reset_ms) / 1000)
+    allowed, remaining, retry_ms, reset_ms, stamp_ms = reply
+    return Decision(bool(allowed), int(remaining), float(retry_ms) / 1000, float(reset_ms) / 1000, float(stamp_ms))
 
 
 class RedisLimiter:
@@ -252,11 +324,13 @@ class RedisLimiter:
         )
         return parse_reply(reply)
 
-    async def _run(self, rule: Rule, key: str, mode: str) -> Decision:
+    async def _run(self, rule: Rule, key: str, mode: str, stamp_ms: int | None = None) -> Decision:
         try:
             with trio.fail_after(2.0):
-                decision = await trio.to_thread.run_sync(self._call, rule, key, mode, abandon_on_cancel=True)
-        except (redis.ConnectionError, redis.TimeoutError, trio.TooSlowError) as exc:
+                decision = await trio.to_thread.run_sync(self._call, rule, key, mode, stamp_ms, abandon_on_cancel=True)
+        except (redis.RedisError, trio.TooSlowError) as exc:
+            # Every redis-py failure (a cluster moving slots, a read-only
+            # replica, a lost connection) is an outage to the limiter.
             self.fallbacks += 1
             if not self.outage:
                 self.outage = True
@@ -271,6 +345,8 @@ class RedisLimiter:
                     return await self._fallback.hit(rule, key)
                 case "peek":
                     return await self._fallback.peek(rule, key)
+                case "refund":  # a stamp of Redis's clock: nothing to take back here
+                    return Decision(True, 0, 0.0, 0.0)
                 case _:
                     await self._fallback.record(rule, key)
                     return Decision(True, 0, 0.0, 0.0)
@@ -287,6 +363,9 @@ class RedisLimiter:
 
     async def record(self, rule: Rule, key: str) -> None:
         await self._run(rule, key, "record")
+
+    async def refund(self, rule: Rule, key: str, stamp: float) -> None:
+        await self._run(rule, key, "refund", round(stamp))
 
 
 def rate_limited(rule_name: str, retry_after: float) -> ClientError:

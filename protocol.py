@@ -7,6 +7,7 @@ carry their wire code; `error_frame` is the one place that maps them to frames.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from typing import Final, NoReturn
@@ -35,6 +36,9 @@ MAX_TOKEN_CHARS: Final = 128
 MAX_SEQ: Final = 2**53 - 1
 
 _CODE_CHARS: Final = frozenset(CODE_ALPHABET)
+# Every string token of a JSON text, with the colon that makes it a key. In
+# JSON each `"` outside a string opens one, so the tokens are found in order.
+_JSON_STRING: Final = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"(\s*:)?')
 
 
 class CloseCode(IntEnum):
@@ -171,6 +175,7 @@ def parse_request(text: str, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Requ
         raise ClientError("frame is not valid JSON", ErrorCode.BAD_REQUEST) from None
     if not isinstance(obj, dict):
         raise ClientError("frame must be a JSON object", ErrorCode.BAD_REQUEST)
+    _reject_duplicate_keys(text, obj)
     request_id = _parse_id(obj)
     kind = obj.get("type")
     if not isinstance(kind, str):
@@ -186,6 +191,27 @@ def parse_request(text: str, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Requ
 
 class _FieldError(Exception):
     pass
+
+
+def _key_count(text: str | bytes) -> int:
+    if isinstance(text, bytes):
+        text = text.decode()
+    colons = _JSON_STRING.findall(text)
+    return len(colons) - colons.count("")
+
+
+def _reject_duplicate_keys(text: str, obj: dict[str, object]) -> None:
+    """JSON parsers keep the last of repeated keys, so `{"type": "message:send",
+    "type": "session:leave"}` would be a leave: refuse any repeated key instead.
+
+    The text's keys are counted and compared with the parsed objects' keys;
+    only a frame with nested objects pays for re-serialising them.
+    """
+    in_text = _key_count(text)
+    if in_text == len(obj):
+        return
+    if in_text > len(obj) and in_text != _key_count(orjson.dumps(obj)):
+        raise ClientError("frame has a repeated key", ErrorCode.BAD_REQUEST)
 
 
 def _parse_id(obj: dict[str, object]) -> RequestId:

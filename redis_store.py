@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import logging
 import queue
+import secrets
 import threading
 import time
 import zlib
@@ -47,6 +48,7 @@ from session_store import (
     SessionStore,
     StoredMessage,
     Takeover,
+    no_such_member,
     not_found,
 )
 
@@ -55,6 +57,9 @@ log = logging.getLogger("tandem.redis")
 # Keys outlive their session's deadline by this much, so that the sweeper (not
 # Redis) ends a session and tells its members; without a sweeper they vanish.
 KEY_GRACE_MS = 30_000
+# The key of the keyed hashes every instance must agree on (rate-limit keys,
+# codes and addresses in logs) when HASH_KEY is not set; it never expires.
+SHARED_SECRET_KEY = "tandem:hash-key"
 # Sessions are indexed for the sweeper in this many sorted sets (one hash slot
 # each), so that a Redis Cluster spreads them.
 EXPIRY_BUCKETS = 16
@@ -495,10 +500,8 @@ class RedisStore(SessionStore):
             "resume", code, client_id, token_hash.hex(), conn_id, self._idle_ms, KEY_GRACE_MS, last_seq
         )
         status = result[0]
-        if status == -1:
-            raise not_found()
-        if status == -4:
-            raise ClientError("wrong client_id or token", ErrorCode.UNAUTHORIZED)
+        if status in (-1, -4):  # no such session, wrong credentials: one answer
+            raise no_such_member()
         replay = tuple(m for m in map(_stored, result[3:]) if m.sender != client_id)
         return Resumed(_members(result[2]), int(status), recovered=int(result[1]) <= last_seq, replay=replay)
 
@@ -567,6 +570,18 @@ class RedisStore(SessionStore):
         if reschedule or finished:
             await self._call_in_thread(self._update_index, reschedule, finished)
         return expired
+
+    async def shared_secret(self) -> bytes | None:
+        """The instances' shared key, created by whichever instance asks first."""
+        candidate = secrets.token_hex(32)
+
+        def run() -> bytes | None:
+            self.client.set(SHARED_SECRET_KEY, candidate, nx=True)
+            value = self.client.get(SHARED_SECRET_KEY)
+            return value.encode() if isinstance(value, str) else value
+
+        result: bytes | None = await self._call_in_thread(run)
+        return result
 
     async def check(self) -> None:
         await self._call_in_thread(self.client.ping)

@@ -112,6 +112,12 @@ def not_found() -> ClientError:
     return ClientError("no such session, or it expired", ErrorCode.NOT_FOUND)
 
 
+def no_such_member() -> ClientError:
+    """A resume's one answer for an unknown code and for wrong credentials, so
+    that resuming cannot tell a guesser which codes exist."""
+    return ClientError("no such session, or wrong client_id or token", ErrorCode.NOT_FOUND)
+
+
 class SessionStore(ABC):
     """Durable sessions. Every method takes `now` in ms since the Unix epoch."""
 
@@ -160,6 +166,10 @@ class SessionStore(ABC):
     @abstractmethod
     def unwatch(self, code: str) -> None:
         """This process no longer needs the events of `code`."""
+
+    async def shared_secret(self) -> bytes | None:
+        """A secret every instance on this store agrees on, or None (one process)."""
+        return None
 
 
 # --- SQLite ---------------------------------------------------------------------
@@ -417,13 +427,16 @@ class SqliteStore(SessionStore):
         self, code: str, client_id: str, token_hash: bytes, conn_id: str, last_seq: int, now: int
     ) -> Resumed:
         def run(db: sqlite3.Connection, events: list[Event]) -> Resumed:
-            newest, trimmed, _ = self._alive(db, code, now)
+            try:
+                newest, trimmed, _ = self._alive(db, code, now)
+            except ClientError:
+                raise no_such_member() from None
             row = db.execute(
                 "SELECT token_hash, conn_id FROM members WHERE code = ? AND client_id = ?",
                 (code, client_id),
             ).fetchone()
             if row is None or not hmac.compare_digest(bytes(row[0]), token_hash):
-                raise ClientError("wrong client_id or token", ErrorCode.UNAUTHORIZED)
+                raise no_such_member()
             previous = row[1]
             db.execute(
                 "UPDATE members SET conn_id = ? WHERE code = ? AND client_id = ?",

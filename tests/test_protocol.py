@@ -9,6 +9,7 @@ two documented exceptions, and any JSON `data` survives the relay unchanged.
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -209,6 +210,81 @@ def test_non_object_is_bad_request(text: str) -> None:
     err = client_error(text)
     assert err.code == ErrorCode.BAD_REQUEST
     assert err.request_id is None
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"type":"message:send","type":"session:leave"}',
+        '{"type":"message:send", "data": 1, "type" : "session:leave"}',
+        '{"type":"message:send","data":{"to":"a","to":"b"}}',
+        '{"type":"message:send","data":[{"x":{"k":1,"k":2}}]}',
+        '{"type":"ping","id":1,"id":2}',
+        '{"type":"ping","extra":{"\\u0061":1,"a":2}}',  # one key written two ways
+    ],
+)
+def test_a_repeated_key_anywhere_is_bad_request(text: str) -> None:
+    err = client_error(text)
+    assert err.code == ErrorCode.BAD_REQUEST and "repeated key" in err.message
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"type":"message:send","data":{"a":"\\":","b":[{"a":"x"}],"c":{"a":{"a":1}}}}',
+        '{"type":"message:send","data":"\\"type\\":"}',
+        '{"type":"message:send","data":{"":1," ":2}}',
+    ],
+)
+def test_keys_that_only_look_repeated_are_accepted(text: str) -> None:
+    assert isinstance(parse_request(text), SendMessage)
+
+
+def _pairs_without_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    if len(keys) != len(set(keys)):
+        raise ValueError("repeated key")
+    return dict(pairs)
+
+
+class _Pairs(list[tuple[str, Any]]):
+    """A JSON object written as its pairs, repeats allowed."""
+
+
+def _write(value: Any) -> str:
+    if isinstance(value, _Pairs):
+        return "{" + ",".join(json.dumps(k) + ":" + _write(v) for k, v in value) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(_write(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+_json_values = st.recursive(
+    st.none() | st.integers() | st.text(alphabet='ab":\\{}', max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.lists(st.tuples(st.text(alphabet='ab":\\', max_size=2), inner), max_size=3).map(_Pairs)
+    ),
+    max_leaves=10,
+)
+
+
+@FAST
+@given(_json_values)
+def test_repeated_keys_are_found_like_a_strict_parser_finds_them(data: Any) -> None:
+    text = '{"type":"message:send","data":' + _write(data) + "}"
+    try:
+        json.loads(text, object_pairs_hook=_pairs_without_repeats)
+    except ValueError:
+        strict_ok = False
+    else:
+        strict_ok = True
+    try:
+        parse_request(text)
+    except ClientError as err:
+        assert not strict_ok and "repeated key" in err.message, (text, err.message)
+    else:
+        assert strict_ok, text
 
 
 def test_client_error_is_a_tandem_error() -> None:

@@ -245,7 +245,8 @@ async def test_send_or_leave_without_a_session_is_not_in_session(tandem: Server)
         await assert_alive(c)
 
 
-async def test_resume_with_wrong_credentials_is_unauthorized(tandem: Server) -> None:
+async def test_resume_with_wrong_credentials_is_not_found(tandem: Server) -> None:
+    # One answer for an unknown code and for wrong credentials (README, "Security").
     async with paired(tandem) as (a, b, created, joined), connect(tandem) as c:
         code = created["code"]
         wrong_token = {
@@ -256,10 +257,10 @@ async def test_resume_with_wrong_credentials_is_unauthorized(tandem: Server) -> 
             "token": created["token"],  # a real token, but a's, not b's
             "last_seq": 0,
         }
-        await expect_error(c, wrong_token, "unauthorized", "r1")
+        await expect_error(c, wrong_token, "not_found", "r1")
         await assert_alive(c)
         unknown_client = {**wrong_token, "id": "r2", "client_id": "no-such-client", "token": joined["token"]}
-        await expect_error(c, unknown_client, "unauthorized", "r2")
+        await expect_error(c, unknown_client, "not_found", "r2")
         await assert_alive(c)
         # Nothing moved: both members are still connected on their own sockets.
         await a.nothing(0.1)
