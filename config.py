@@ -1,9 +1,7 @@
-"""Tandem's settings: one frozen, typed Config built once at start-up.
+"""Tandem's settings: one frozen, typed Config, built once at start-up by load().
 
-Values come from the environment, then from a `.env` file in the working
-directory for names the environment does not set. Every value is parsed and
-range-checked here; a bad one raises ConfigError naming the setting and what
-is allowed, and `python server.py` prints that one line and exits 2.
+Each Config field is its setting's one entry (default, parser with unit and bounds, doc): load() reads
+the environment and `.env` with them, and README's table and .env.example are printed from them.
 """
 
 from __future__ import annotations
@@ -11,20 +9,21 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import sys
+import textwrap
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit
 
 import protocol
 
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+N = TypeVar("N", int, float)
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-# The protocol allows 6-character codes; Tandem issues no fewer than 8, since 6
-# falls to a thousand guessing addresses within hours (README "Security").
-MIN_CODE_LENGTH = 8
+YEAR = 86400.0 * 365
 
 
 class ConfigError(ValueError):
@@ -35,67 +34,356 @@ class ConfigError(ValueError):
         self.name = name
 
 
+# --- kinds of value: how text becomes a value, its unit and its bounds --------------------------
+
+
+def _refuse(raw: str) -> Any:
+    raise ValueError(raw)
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def _show(value: object) -> str:
+    """A value as .env writes it ("" for none)."""
+    if isinstance(value, bool | int | float):
+        return _number(value)
+    return "" if value is None else ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+@dataclass(frozen=True)
+class Kind(Generic[T_co]):
+    """How a setting's text becomes its value; `parse` raises ValueError on a bad one."""
+
+    parse: Callable[[str], T_co]
+    unit: str  # seconds, bytes, ms, frames, flag, rate, text, url, ...
+    allowed: str  # ends ConfigError's message: "expected <allowed>"
+    range: str = ""  # the values accepted, for the docs ("": any of the unit)
+    bounds: tuple[float, float] | None = None  # numeric kinds: lowest and highest accepted
+    show: Callable[[Any], str] = _show
+    mask: Callable[[str], str] = str  # a bad value as the error may show it
+
+
+def _bounded(cast: Callable[[str], N], low: N, high: N, unit: str, what: str) -> Kind[N]:
+    def parse(raw: str) -> N:
+        value = cast(raw)
+        return value if low <= value <= high else _refuse(raw)  # also refuses nan
+
+    span = f"{_number(low)} to {_number(high)}"
+    return Kind(parse, unit, f"{what} from {span}", span, (low, high))
+
+
+def integer(low: int, high: int, unit: str) -> Kind[int]:
+    return _bounded(int, low, high, unit, "an integer")
+
+
+def seconds(low: float, high: float) -> Kind[float]:
+    return _bounded(float, low, high, "seconds", "seconds")
+
+
+def choice(*choices: str) -> Kind[str]:
+    """One of `choices`, in any case; the value is spelled as in `choices`."""
+    by_lower = {c.lower(): c for c in choices}
+
+    def parse(raw: str) -> str:
+        return by_lower[raw.lower()] if raw.lower() in by_lower else _refuse(raw)
+
+    def listed(quote: str) -> str:
+        return ", ".join(quote + c + quote for c in choices[:-1]) + f" or {quote}{choices[-1]}{quote}"
+
+    return Kind(parse, "choice", listed(""), listed("`"))
+
+
+def _flag(raw: str) -> bool:
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    return False if raw.lower() in ("0", "false", "no", "off") else _refuse(raw)
+
+
+RATE_COUNT, RATE_WINDOW = integer(1, 1_000_000, "count"), seconds(0.001, 86400)
+
+
+def _rate(raw: str) -> tuple[int, float] | None:
+    if raw.lower() in ("off", "0"):
+        return None
+    count, sep, window = raw.partition("/")
+    return (RATE_COUNT.parse(count), RATE_WINDOW.parse(window)) if sep else _refuse(raw)
+
+
+def _show_rate(rate: tuple[int, float] | None) -> str:
+    return "off" if rate is None else f"{rate[0]}/{_number(rate[1])}"
+
+
+def _host(raw: str) -> str:
+    return _refuse(raw) if any(c.isspace() for c in raw) else raw
+
+
+def _origins(raw: str) -> tuple[str, ...]:
+    origins = tuple(o.strip().rstrip("/").lower() for o in raw.split(",") if o.strip())
+    for origin in origins:
+        if origin != "*" and "://" not in origin:
+            raise ValueError(origin)
+    return () if "*" in origins else origins
+
+
+def _networks(raw: str) -> tuple[str, ...]:
+    return tuple(str(ipaddress.ip_network(part.strip(), strict=False)) for part in raw.split(",") if part.strip())
+
+
+def _redis_url(raw: str) -> str:
+    return raw if raw.startswith(("redis://", "rediss://", "unix://")) else _refuse(raw)
+
+
+def _database_url(raw: str) -> str:
+    parts = urlsplit(raw)
+    parts.port  # noqa: B018  # raises ValueError on a bad port
+    if parts.scheme not in ("postgresql", "postgres") or any(c.isspace() for c in raw):
+        raise ValueError(raw)
+    return raw
+
+
+def _mask_password(raw: str) -> str:
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", raw.strip())
+
+
+def _log_file(raw: str) -> Path:
+    return _refuse(raw) if Path(raw).is_dir() else Path(raw)
+
+
+def _secret(raw: str) -> str:
+    return _refuse(raw) if len(raw) < 16 else raw
+
+
+def _address(raw: str) -> str:
+    host, sep, port = raw.rpartition(":")
+    if not sep or not host or not 1 <= int(port) <= 65535 or any(c.isspace() for c in raw):
+        raise ValueError(raw)
+    return raw
+
+
+FLAG = Kind(_flag, "flag", "0 or 1", "`0` or `1`")
+RATE_RANGE = f"`COUNT/SECONDS`, {RATE_COUNT.range} per {RATE_WINDOW.range} s, or `off`"
+RATE = Kind(_rate, "rate", "COUNT/SECONDS such as 10/60, or off", RATE_RANGE, show=_show_rate)
+HOST_NAME = Kind(_host, "text", "a host name or IP address")
+DIRECTORY = Kind(Path, "path", "a directory path")
+LOG_PATH = Kind(_log_file, "path", "a file path (not a directory)")
+ORIGINS = Kind(
+    _origins, "list", "* or a comma-separated list of origins such as https://app.example.com", "comma-separated"
+)
+NETWORKS = Kind(_networks, "list", "a comma-separated list of IP addresses or CIDRs", "comma-separated")
+REDIS_URL = Kind(_redis_url, "url", "a redis://, rediss:// or unix:// URL")
+POSTGRES_URL = Kind(
+    _database_url, "url", "a postgresql:// URL such as postgresql://user@host:5432/tandem", mask=_mask_password
+)
+SECRET = Kind(_secret, "secret", "a secret of at least 16 characters", "at least 16 characters")
+LISTEN_ADDRESS = Kind(_address, "address", "HOST:PORT such as 127.0.0.1:9464", "`HOST:PORT`")
+
+
+# --- the table --------------------------------------------------------------------------------
+
+
+def setting(default: T, kind: Kind[T], doc: str, *, section: str = "", secret: bool = False) -> T:
+    """A Config field and its setting, named as the field in capitals. `section` starts a
+    section of .env.example; `secret` keeps the value out of repr()."""
+    return field(default=default, repr=not secret, metadata={"kind": kind, "doc": doc, "section": section})
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
-    host: str = "0.0.0.0"
-    port: int = 3001
-    data_dir: Path = Path("data")
-    max_message_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES
-    session_idle_timeout: float = 1800.0
-    session_ttl: float = 86400.0
-    history_size: int = 100
-    allowed_origins: tuple[str, ...] = ()  # empty: any origin
-    ping_interval: float = 20.0
-    shutdown_grace: float = 10.0
-    log_level: str = "INFO"
-    # 8 characters of a 32-letter alphabet: 2**40 codes. 6 (allowed by the
-    # protocol) falls to a botnet in hours; README "Security" has the bound.
-    code_length: int = 8
-    send_queue_frames: int = 256
-    send_queue_bytes: int = 1024 * 1024
-    max_consecutive_errors: int = 20
-    sweep_interval: float = 1.0
-    gc_full_interval: float = 300.0  # 0: CPython's automatic collector
-    sqlite_synchronous: str = "FULL"
-    redis_url: str | None = None  # set: sessions live in Redis, shared by instances
-    redis_cluster: bool = False
-    # PostgreSQL archive (database.py); database_url None: no archive.
-    database_url: str | None = field(default=None, repr=False)  # may hold a password
-    migrate_on_start: bool = False
-    archive_flush_ms: int = 200
-    archive_batch_rows: int = 500
-    archive_queue_size: int = 10_000
-    archive_messages: bool = True
-    # Rate limits as (count, seconds); None: that limit is off.
-    rate_limit_enabled: bool = True
-    rate_limit_messages_user: tuple[int, float] | None = (10, 60.0)
-    rate_limit_messages_ip: tuple[int, float] | None = (20, 60.0)
-    # A burst of 60 new sockets, then one a second: page reloads and a NAT's
-    # users pass; MAX_SOCKETS_IP bounds what one address holds at once.
-    rate_limit_connections_ip: tuple[int, float] | None = (60, 60.0)
-    # Failed joins and resumes per address, and per code (any address).
-    rate_limit_join_failures_ip: tuple[int, float] | None = (10, 60.0)
-    rate_limit_code_failures: tuple[int, float] | None = (10, 600.0)
-    rate_limit_api_ip: tuple[int, float] | None = (60, 60.0)
-    rate_limit_fail_closed: bool = False
-    trusted_proxies: tuple[str, ...] = ()  # peers whose X-Forwarded-For is believed
-    # Hostile clients (README "Security").
-    max_sockets: int = 20_000  # open WebSockets per process; 0: no cap
-    max_sockets_ip: int = 64  # per address (IPv6: per /64); 0: no cap
-    idle_socket_timeout: float = 60.0  # a socket in no session is closed after this long
-    ws_compression: bool = False  # permessage-deflate, inflation bounded by MAX_MESSAGE_BYTES
-    http2_cleartext: bool = False  # h2c upgrade and prior-knowledge HTTP/2 on the plain port
-    hash_key: str = field(default="", repr=False)  # keyed hashes of addresses and codes; empty: generated
-    metrics_token: str = field(default="", repr=False)  # /metrics needs this bearer token (else loopback only)
-    metrics_address: str | None = None  # host:port of a separate /metrics listener
-    # Logs, probes and the drain (logging_setup.py, health.py).
-    log_format: str = "auto"  # auto: console on a terminal, else json
-    log_file: Path | None = None
-    log_retention_days: int = 7
-    log_ip_mode: str = "hash"  # hash: keyed hash of the address; truncate: its /24 or /48
-    liveness_max_lag: float = 5.0
-    ready_timeout: float = 1.0
-    pre_drain_delay: float = 0.0
+    """Every setting; its environment variable is the field's name in capitals. After a change, regenerate
+    .env.example and README's table (`python config.py --help`); tests/test_config.py checks both."""
+
+    host: str = setting("0.0.0.0", HOST_NAME, "address to listen on; `::` for IPv6 and IPv4", section="network")
+    port: int = setting(3001, integer(0, 65535, "port"), "TCP port")
+    allowed_origins: tuple[str, ...] = setting(
+        (),
+        ORIGINS,
+        "origins such as `https://app.example.com` allowed to open a WebSocket; others get HTTP 403. Empty or `*`: any",
+    )
+    trusted_proxies: tuple[str, ...] = setting(
+        (), NETWORKS, "addresses or CIDRs of proxies whose `X-Forwarded-For` names the client, e.g. the load balancer"
+    )
+    max_message_bytes: int = setting(
+        protocol.DEFAULT_MAX_MESSAGE_BYTES,
+        integer(256, 16 * 2**20, "bytes"),
+        "largest client frame in UTF-8 bytes; larger: close 1009",
+        section="sessions and messages",
+    )
+    session_idle_timeout: float = setting(
+        1800.0, seconds(1, YEAR), "time after the last message, join or resume that a session expires"
+    )
+    session_ttl: float = setting(86400.0, seconds(1, YEAR), "time after creation that a session expires at the latest")
+    history_size: int = setting(
+        100, integer(1, 100_000, "messages"), "messages kept per session for joiners and `session:resume`"
+    )
+    code_length: int = setting(
+        8,
+        integer(8, protocol.MAX_CODE_CHARS, "characters"),
+        'characters in a session code; the 6 the protocol allows fall to guessing within hours (README "Security")',
+    )
+    ping_interval: float = setting(
+        20.0, seconds(0.1, 3600), "time between server pings; a peer silent for `1.5 * PING_INTERVAL + 1` s is dropped"
+    )
+    send_queue_frames: int = setting(
+        256, integer(8, 100_000, "frames"), "frames queued for one client before it is closed with 1013"
+    )
+    send_queue_bytes: int = setting(
+        1024 * 1024,
+        integer(65536, 2**30, "bytes"),
+        "bytes queued for one client before it is closed with 1013; at least twice `MAX_MESSAGE_BYTES`",
+    )
+    max_consecutive_errors: int = setting(
+        20, integer(1, 10_000, "errors"), "client errors in a row before the connection is closed with 1008"
+    )
+    sweep_interval: float = setting(1.0, seconds(0.05, 3600), "time between expiry sweeps")
+    gc_full_interval: float = setting(
+        300.0,
+        seconds(0, 86400),
+        "time between full garbage collections (young objects: every second); `0`: CPython's automatic collector",
+    )
+    data_dir: Path = setting(  # noqa: RUF009  # setting() is a dataclasses.field()
+        Path("data"),
+        DIRECTORY,
+        "directory of the SQLite store (`tandem.sqlite3`), locked: one process per directory",
+        section="the embedded store (SQLite)",
+    )
+    sqlite_synchronous: str = setting(
+        "FULL",
+        choice("NORMAL", "FULL"),
+        "`FULL`: an ack survives power loss; `NORMAL`: it survives a crash of Tandem, not of the machine",
+    )
+    redis_url: str | None = setting(
+        None,
+        REDIS_URL,
+        "`redis://[:password@]host:port[/db]`, `rediss://…` (TLS) or `unix://…`: sessions live in Redis, "
+        "shared by instances; empty: SQLite",
+        section="Redis (shared sessions across instances)",
+    )
+    redis_cluster: bool = setting(False, FLAG, "`1`: `REDIS_URL` names a node of a Redis Cluster")
+    database_url: str | None = setting(
+        None,
+        POSTGRES_URL,
+        "`postgresql://user:password@host:5432/dbname`: archive sessions, messages and analytics events "
+        'in PostgreSQL (README "PostgreSQL archive"); empty: no archive',
+        section='PostgreSQL archive (README, "PostgreSQL archive")',
+        secret=True,
+    )
+    migrate_on_start: bool = setting(
+        False, FLAG, "`1`: apply `sql/` at start-up (one migrator at a time); `0`: run `python server.py migrate`"
+    )
+    archive_flush_ms: int = setting(
+        200, integer(10, 60_000, "ms"), "the archive writes a batch this often, or once `ARCHIVE_BATCH_ROWS` rows wait"
+    )
+    archive_batch_rows: int = setting(
+        500, integer(1, 10_000, "rows"), "rows waiting that make the archive write before `ARCHIVE_FLUSH_MS`"
+    )
+    archive_queue_size: int = setting(
+        10_000,
+        integer(10, 1_000_000, "rows"),
+        "rows waiting for PostgreSQL at most; beyond, dropped and counted, never blocking the relay",
+    )
+    archive_messages: bool = setting(
+        True, FLAG, "`0`: archive message metadata only (seq, sender, size, time), never bodies"
+    )
+    rate_limit_enabled: bool = setting(
+        True, FLAG, "`0` turns every rate limit off", section="rate limits (COUNT/SECONDS, or off)"
+    )
+    rate_limit_messages_user: tuple[int, float] | None = setting((10, 60.0), RATE, "messages per member")
+    rate_limit_messages_ip: tuple[int, float] | None = setting((20, 60.0), RATE, "messages per client address")
+    rate_limit_connections_ip: tuple[int, float] | None = setting(
+        (60, 60.0),
+        RATE,
+        "new WebSockets per client address, refused with HTTP 429 before the upgrade: a burst, then a rate, "
+        "so that page reloads and a NAT's users pass",
+    )
+    rate_limit_join_failures_ip: tuple[int, float] | None = setting(
+        (10, 60.0), RATE, "failed `session:join` and `session:resume` per client address, as when guessing codes"
+    )
+    rate_limit_code_failures: tuple[int, float] | None = setting(
+        (10, 600.0),
+        RATE,
+        "failed `session:join` and `session:resume` against one code, from any address; past it the code "
+        "refuses joins for the rest of the window, though members' own resumes still work",
+    )
+    rate_limit_api_ip: tuple[int, float] | None = setting((60, 60.0), RATE, "requests to `/api/*` per client address")
+    rate_limit_fail_closed: bool = setting(
+        False, FLAG, "`1`: while Redis is down, refuse what a limit guards instead of limiting per process"
+    )
+    log_level: str = setting(
+        "INFO", choice("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"), "least severe records logged", section="logs"
+    )
+    log_format: str = setting(
+        "auto",
+        choice("auto", "json", "console"),
+        "`json` (one object per line), `console` (coloured, for people) or `auto`: console on a terminal, else json",
+    )
+    log_file: Path | None = setting(  # noqa: RUF009  # setting() is a dataclasses.field()
+        None,
+        LOG_PATH,
+        "also write JSON lines to this file, renamed `FILE.YYYY-MM-DD` at UTC midnight; empty: stdout only",
+    )
+    log_retention_days: int = setting(7, integer(1, 3650, "days"), "how long rotated log files are kept")
+    log_ip_mode: str = setting(
+        "hash",
+        choice("hash", "truncate"),
+        "how a client address appears in logs: `hash` (`ip-` + 16 hex of a keyed hash) or `truncate` to its /24 or /48",
+    )
+    max_sockets: int = setting(
+        20_000,
+        integer(0, 10_000_000, "sockets"),
+        "open WebSockets per process; beyond, HTTP 503 before the upgrade. `0`: no cap",
+        section='hostile clients (README, "Security")',
+    )
+    max_sockets_ip: int = setting(
+        64,
+        integer(0, 10_000_000, "sockets"),
+        "open WebSockets per client address (IPv6: per /64); beyond, HTTP 503. `0`: no cap",
+    )
+    idle_socket_timeout: float = setting(60.0, seconds(0.1, 86400), "time a WebSocket in no session may stay open")
+    ws_compression: bool = setting(
+        False, FLAG, "`1`: accept permessage-deflate (inflation stops at `MAX_MESSAGE_BYTES`); `0`: never negotiate it"
+    )
+    http2_cleartext: bool = setting(
+        False, FLAG, "`1`: accept cleartext HTTP/2 (h2c upgrade, prior knowledge) on the plain port"
+    )
+    hash_key: str = setting(
+        "",
+        SECRET,
+        "the key of every keyed hash Tandem makes (addresses and codes in logs, rate-limit keys). Empty: "
+        "generated; on Redis one key stored there and shared by every instance, else one per process. "
+        "Set the same key on every instance to correlate logs",
+        secret=True,
+    )
+    metrics_token: str = setting(
+        "",
+        SECRET,
+        "`/metrics` on the main port needs `Authorization: Bearer METRICS_TOKEN`; empty: only loopback clients "
+        "may read it there",
+        secret=True,
+    )
+    metrics_address: str | None = setting(
+        None,
+        LISTEN_ADDRESS,
+        "a second listener serving `/metrics` and the probes without a token, nothing else; bind it to an "
+        "internal address",
+    )
+    liveness_max_lag: float = setting(
+        5.0, seconds(0.1, 3600), "event-loop lag after which `/health/live` fails", section="probes and shutdown"
+    )
+    ready_timeout: float = setting(
+        1.0,
+        seconds(0.05, 60),
+        "time each readiness check (store, database) may take before `/health/ready` fails; "
+        "keep it below the probe's own timeout",
+    )
+    pre_drain_delay: float = setting(
+        0.0,
+        seconds(0, 300),
+        "time from SIGTERM (readiness fails at once) to the drain (sockets closed with 1012), for load "
+        "balancers to stop sending clients first; at most half of `SHUTDOWN_GRACE`",
+    )
+    shutdown_grace: float = setting(10.0, seconds(0.5, 600), "time from SIGTERM/SIGINT to exit")
 
     @property
     def read_timeout(self) -> float:
@@ -104,6 +392,38 @@ class Config:
 
 
 DEFAULTS = Config()
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One entry of the table, as load() and the generators read it."""
+
+    name: str  # the environment variable
+    field: str  # the Config attribute
+    default: Any
+    kind: Kind[Any]
+    doc: str
+    section: str  # the section of .env.example it starts, if any
+
+    def read(self, env: Mapping[str, str]) -> Any:
+        raw = env.get(self.name)
+        if raw is None or raw.strip() == "":
+            return self.default
+        try:
+            return self.kind.parse(raw.strip())
+        except ValueError:
+            raise ConfigError(self.name, self.kind.mask(raw), self.kind.allowed) from None
+
+    def meaning(self, keep: str = " ") -> str:
+        """The doc, then the unit and the range joined by `keep`."""
+        spec = f"{self.kind.unit}: {self.kind.range}" if self.kind.range else self.kind.unit
+        return f"{self.doc} ({spec.replace(' ', keep)})"
+
+
+SETTINGS = tuple(Setting(f.name.upper(), f.name, f.default, **f.metadata) for f in fields(Config))
+
+
+# --- reading --------------------------------------------------------------------------------------
 
 
 def read_dotenv(path: Path) -> dict[str, str]:
@@ -127,213 +447,11 @@ def read_dotenv(path: Path) -> dict[str, str]:
     return values
 
 
-class _Reader:
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self.env = env
-
-    def get(self, name: str, default: T, parse: Callable[[str], T], allowed: str) -> T:
-        raw = self.env.get(name)
-        if raw is None or raw.strip() == "":
-            return default
-        try:
-            return parse(raw.strip())
-        except ValueError:
-            raise ConfigError(name, raw, allowed) from None
-
-    def integer(self, name: str, default: int, low: int, high: int) -> int:
-        def parse(raw: str) -> int:
-            value = int(raw)
-            if not low <= value <= high:
-                raise ValueError(raw)
-            return value
-
-        return self.get(name, default, parse, f"an integer from {low} to {high}")
-
-    def seconds(self, name: str, default: float, low: float, high: float) -> float:
-        def parse(raw: str) -> float:
-            value = float(raw)
-            if not low <= value <= high:  # also refuses nan
-                raise ValueError(raw)
-            return value
-
-        return self.get(name, default, parse, f"seconds from {low:g} to {high:g}")
-
-    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
-        def parse(raw: str) -> str:
-            if raw.upper() not in choices:
-                raise ValueError(raw)
-            return raw.upper()
-
-        return self.get(name, default, parse, "one of " + ", ".join(choices))
-
-
-def _origins(raw: str) -> tuple[str, ...]:
-    origins = tuple(o.strip().rstrip("/").lower() for o in raw.split(",") if o.strip())
-    for origin in origins:
-        if origin != "*" and "://" not in origin:
-            raise ValueError(origin)
-    return () if "*" in origins else origins
-
-
-_RATE_ALLOWED = "COUNT/SECONDS such as 10/60, or off"
-
-
-def _rate(raw: str) -> tuple[int, float] | None:
-    if raw.lower() in ("off", "0"):
-        return None
-    count, sep, seconds = raw.partition("/")
-    limit, window = int(count), float(seconds)
-    if not sep or not 1 <= limit <= 1_000_000 or not 0.001 <= window <= 86400:
-        raise ValueError(raw)
-    return limit, window
-
-
-def _networks(raw: str) -> tuple[str, ...]:
-    return tuple(str(ipaddress.ip_network(part.strip(), strict=False)) for part in raw.split(",") if part.strip())
-
-
-def _redis_url(raw: str) -> str:
-    if not raw.startswith(("redis://", "rediss://", "unix://")):
-        raise ValueError(raw)
-    return raw
-
-
-def _flag(raw: str) -> bool:
-    if raw.lower() in ("1", "true", "yes", "on"):
-        return True
-    if raw.lower() in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(raw)
-
-
-def _one_of(*choices: str) -> Callable[[str], str]:
-    def parse(raw: str) -> str:
-        if raw.lower() not in choices:
-            raise ValueError(raw)
-        return raw.lower()
-
-    return parse
-
-
-def _log_file(raw: str) -> Path:
-    if Path(raw).is_dir():
-        raise ValueError(raw)
-    return Path(raw)
-
-
-def _secret(raw: str) -> str:
-    if len(raw) < 16:
-        raise ValueError("too short")
-    return raw
-
-
-def _database_url(raw: str | None) -> str | None:
-    """A postgresql:// URL; a bad one is reported with its password masked."""
-    if raw is None or raw.strip() == "":
-        return None
-    url = raw.strip()
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018  # raises ValueError on a bad port
-        if parts.scheme not in ("postgresql", "postgres") or any(c.isspace() for c in url):
-            raise ValueError(url)
-    except ValueError:
-        shown = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
-        allowed = "a postgresql:// URL such as postgresql://user@host:5432/tandem"
-        raise ConfigError("DATABASE_URL", shown, allowed) from None
-    return url
-
-
-def _address(raw: str) -> str:
-    host, sep, port = raw.rpartition(":")
-    if not sep or not host or not 1 <= int(port) <= 65535 or any(c.isspace() for c in raw):
-        raise ValueError(raw)
-    return raw
-
-
-def _host(raw: str) -> str:
-    if any(c.isspace() for c in raw):
-        raise ValueError(raw)
-    return raw
-
-
 def load(env: Mapping[str, str] | None = None, dotenv: Path | None = Path(".env")) -> Config:
     """Build the Config from `env` (default: os.environ) over a .env file."""
     merged: dict[str, str] = read_dotenv(dotenv) if dotenv is not None else {}
     merged.update(os.environ if env is None else env)
-    r = _Reader(merged)
-    day = 86400.0 * 365
-    config = Config(
-        host=r.get("HOST", DEFAULTS.host, _host, "a host name or IP address"),
-        port=r.integer("PORT", DEFAULTS.port, 0, 65535),
-        data_dir=r.get("DATA_DIR", DEFAULTS.data_dir, Path, "a directory path"),
-        max_message_bytes=r.integer("MAX_MESSAGE_BYTES", DEFAULTS.max_message_bytes, 256, 16 * 2**20),
-        session_idle_timeout=r.seconds("SESSION_IDLE_TIMEOUT", DEFAULTS.session_idle_timeout, 1, day),
-        session_ttl=r.seconds("SESSION_TTL", DEFAULTS.session_ttl, 1, day),
-        history_size=r.integer("HISTORY_SIZE", DEFAULTS.history_size, 1, 100_000),
-        allowed_origins=r.get(
-            "ALLOWED_ORIGINS",
-            DEFAULTS.allowed_origins,
-            _origins,
-            "* or a comma-separated list of origins such as https://app.example.com",
-        ),
-        ping_interval=r.seconds("PING_INTERVAL", DEFAULTS.ping_interval, 0.1, 3600),
-        shutdown_grace=r.seconds("SHUTDOWN_GRACE", DEFAULTS.shutdown_grace, 0.5, 600),
-        log_level=r.choice("LOG_LEVEL", DEFAULTS.log_level, LOG_LEVELS),
-        code_length=r.integer("CODE_LENGTH", DEFAULTS.code_length, MIN_CODE_LENGTH, protocol.MAX_CODE_CHARS),
-        send_queue_frames=r.integer("SEND_QUEUE_FRAMES", DEFAULTS.send_queue_frames, 8, 100_000),
-        send_queue_bytes=r.integer("SEND_QUEUE_BYTES", DEFAULTS.send_queue_bytes, 65536, 2**30),
-        max_consecutive_errors=r.integer("MAX_CONSECUTIVE_ERRORS", DEFAULTS.max_consecutive_errors, 1, 10_000),
-        sweep_interval=r.seconds("SWEEP_INTERVAL", DEFAULTS.sweep_interval, 0.05, 3600),
-        gc_full_interval=r.seconds("GC_FULL_INTERVAL", DEFAULTS.gc_full_interval, 0, 86400),
-        sqlite_synchronous=r.choice("SQLITE_SYNCHRONOUS", DEFAULTS.sqlite_synchronous, ("NORMAL", "FULL")),
-        redis_url=r.get("REDIS_URL", DEFAULTS.redis_url, _redis_url, "a redis://, rediss:// or unix:// URL"),
-        redis_cluster=r.get("REDIS_CLUSTER", DEFAULTS.redis_cluster, _flag, "0 or 1"),
-        database_url=_database_url(merged.get("DATABASE_URL")),
-        migrate_on_start=r.get("MIGRATE_ON_START", DEFAULTS.migrate_on_start, _flag, "0 or 1"),
-        archive_flush_ms=r.integer("ARCHIVE_FLUSH_MS", DEFAULTS.archive_flush_ms, 10, 60_000),
-        archive_batch_rows=r.integer("ARCHIVE_BATCH_ROWS", DEFAULTS.archive_batch_rows, 1, 10_000),
-        archive_queue_size=r.integer("ARCHIVE_QUEUE_SIZE", DEFAULTS.archive_queue_size, 10, 1_000_000),
-        archive_messages=r.get("ARCHIVE_MESSAGES", DEFAULTS.archive_messages, _flag, "0 or 1"),
-        rate_limit_enabled=r.get("RATE_LIMIT_ENABLED", DEFAULTS.rate_limit_enabled, _flag, "0 or 1"),
-        rate_limit_messages_user=r.get(
-            "RATE_LIMIT_MESSAGES_USER", DEFAULTS.rate_limit_messages_user, _rate, _RATE_ALLOWED
-        ),
-        rate_limit_messages_ip=r.get("RATE_LIMIT_MESSAGES_IP", DEFAULTS.rate_limit_messages_ip, _rate, _RATE_ALLOWED),
-        rate_limit_connections_ip=r.get(
-            "RATE_LIMIT_CONNECTIONS_IP", DEFAULTS.rate_limit_connections_ip, _rate, _RATE_ALLOWED
-        ),
-        rate_limit_join_failures_ip=r.get(
-            "RATE_LIMIT_JOIN_FAILURES_IP", DEFAULTS.rate_limit_join_failures_ip, _rate, _RATE_ALLOWED
-        ),
-        rate_limit_code_failures=r.get(
-            "RATE_LIMIT_CODE_FAILURES", DEFAULTS.rate_limit_code_failures, _rate, _RATE_ALLOWED
-        ),
-        rate_limit_api_ip=r.get("RATE_LIMIT_API_IP", DEFAULTS.rate_limit_api_ip, _rate, _RATE_ALLOWED),
-        rate_limit_fail_closed=r.get("RATE_LIMIT_FAIL_CLOSED", DEFAULTS.rate_limit_fail_closed, _flag, "0 or 1"),
-        trusted_proxies=r.get(
-            "TRUSTED_PROXIES", DEFAULTS.trusted_proxies, _networks, "a comma-separated list of IP addresses or CIDRs"
-        ),
-        log_format=r.get(
-            "LOG_FORMAT", DEFAULTS.log_format, _one_of("auto", "json", "console"), "auto, json or console"
-        ),
-        log_file=r.get("LOG_FILE", DEFAULTS.log_file, _log_file, "a file path (not a directory)"),
-        log_retention_days=r.integer("LOG_RETENTION_DAYS", DEFAULTS.log_retention_days, 1, 3650),
-        log_ip_mode=r.get("LOG_IP_MODE", DEFAULTS.log_ip_mode, _one_of("hash", "truncate"), "hash or truncate"),
-        max_sockets=r.integer("MAX_SOCKETS", DEFAULTS.max_sockets, 0, 10_000_000),
-        max_sockets_ip=r.integer("MAX_SOCKETS_IP", DEFAULTS.max_sockets_ip, 0, 10_000_000),
-        idle_socket_timeout=r.seconds("IDLE_SOCKET_TIMEOUT", DEFAULTS.idle_socket_timeout, 0.1, 86400),
-        ws_compression=r.get("WS_COMPRESSION", DEFAULTS.ws_compression, _flag, "0 or 1"),
-        http2_cleartext=r.get("HTTP2_CLEARTEXT", DEFAULTS.http2_cleartext, _flag, "0 or 1"),
-        hash_key=r.get("HASH_KEY", DEFAULTS.hash_key, _secret, "a secret of at least 16 characters"),
-        metrics_token=r.get("METRICS_TOKEN", DEFAULTS.metrics_token, _secret, "a secret of at least 16 characters"),
-        metrics_address=r.get(
-            "METRICS_ADDRESS", DEFAULTS.metrics_address, _address, "HOST:PORT such as 127.0.0.1:9464"
-        ),
-        liveness_max_lag=r.seconds("LIVENESS_MAX_LAG", DEFAULTS.liveness_max_lag, 0.1, 3600),
-        ready_timeout=r.seconds("READY_TIMEOUT", DEFAULTS.ready_timeout, 0.05, 60),
-        pre_drain_delay=r.seconds("PRE_DRAIN_DELAY", DEFAULTS.pre_drain_delay, 0, 300),
-    )
+    config = Config(**{s.field: s.read(merged) for s in SETTINGS})
     if config.redis_cluster and config.redis_url is None:
         raise ConfigError("REDIS_CLUSTER", "1", "REDIS_URL to be set as well (a node of the cluster)")
     if config.pre_drain_delay > config.shutdown_grace / 2:
@@ -349,3 +467,44 @@ def load(env: Mapping[str, str] | None = None, dotenv: Path | None = Path(".env"
             f"at least twice MAX_MESSAGE_BYTES ({config.max_message_bytes * 2})",
         )
     return config
+
+
+# --- the generated documents ----------------------------------------------------------------------
+
+ENV_HEADER = """\
+# Tandem's settings, each at its default. Copy to `.env` in the directory the server runs from (the
+# environment wins over the file) and change what you need; an empty value means the default. A bad
+# value stops the server with exit code 2 and one line naming the setting. README "Configuration" has
+# the same list as a table; both are printed by config.py (--env-example, --markdown): edit it there.
+"""
+
+
+def markdown() -> str:
+    """README's settings table."""
+    lines = ["| setting | default | meaning |", "| --- | --- | --- |"]
+    for s in SETTINGS:
+        shown = s.kind.show(s.default)
+        lines.append(f"| `{s.name}` | {f'`{shown}`' if shown else '(empty)'} | {s.meaning()} |")
+    return "\n".join(lines) + "\n"
+
+
+def env_example() -> str:
+    """.env.example: every setting at its default, under a comment, in sections."""
+    lines = [ENV_HEADER.rstrip("\n")]
+    for s in SETTINGS:
+        if s.section:
+            lines += ["", f"# --- {s.section} ".ljust(88, "-")]
+        comment = s.meaning(keep="\0").replace("`", "") + "."  # \0: the unit and range stay on one line
+        comment = comment if s.doc.startswith("`") else comment[0].upper() + comment[1:]
+        wrapped = textwrap.wrap(comment, 100, initial_indent="# ", subsequent_indent="# ", break_on_hyphens=False)
+        lines += [line.replace("\0", " ") for line in wrapped]
+        lines.append(f"{s.name}={s.kind.show(s.default)}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    outputs = {"--markdown": markdown, "--env-example": env_example}
+    if len(sys.argv) != 2 or sys.argv[1] not in outputs:
+        print("usage: python config.py --markdown (README's table) | --env-example (> .env.example)", file=sys.stderr)
+        sys.exit(2)
+    sys.stdout.write(outputs[sys.argv[1]]())

@@ -1,36 +1,36 @@
-"""Probes and metrics: `/health/live`, `/health/ready` and `/metrics`.
+"""Probes: `/health/live`, `/health/ready`, and who may read `/metrics`.
 
 Liveness reads a task that measures event-loop lag; readiness runs named checks
-(store, database, ...) concurrently under READY_TIMEOUT, cached 1 s, failing
-while draining. Metrics: one prometheus_client registry, fixed label sets.
+(store, database, ...) concurrently under READY_TIMEOUT, cached 1 s, failing while
+draining. /metrics needs METRICS_TOKEN or a loopback client, except on the
+METRICS_ADDRESS listener (`MetricsListener`); its forms come from metrics.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
+import hmac
+import ipaddress
 import logging
-import os
-import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Protocol
 
 import orjson
-import prometheus_client
 import trio
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route, Router
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-import logging_setup
 from config import Config
-from protocol import CloseCode, ErrorCode, ServerError, TandemError
+from metrics import LAG_WINDOW_S, METRICS_CACHE_S, Metrics, RenderCache
+from protocol import ErrorCode, TandemError
+from redaction import hide_credentials
 
 log = logging.getLogger("tandem.health")
 
@@ -39,206 +39,17 @@ HEALTH_JSON = "application/health+json"
 READY_CACHE_S = 1.0
 # Session counts (a store query) are reused for this long by /metrics.
 SESSIONS_CACHE_S = 5.0
-# The lag monitor wakes this often and remembers its worst lag this long.
+JSON_FORM = "application/json"
+# The lag monitor wakes this often (and remembers its worst lag LAG_WINDOW_S).
 LAG_TICK_S = 0.2
-LAG_WINDOW_S = 5.0
 # Longest failure output a probe returns.
 MAX_OUTPUT = 300
 
-# Store operations that are timed; `append` only counts its errors: its latency
-# is tandem_message_handling_seconds (one histogram per message, not two).
-TIMED_STORE_OPS = ("create", "join", "resume", "leave", "disconnect", "sweep", "check", "count_sessions")
-STORE_OPS = (*TIMED_STORE_OPS, "append")
-# Label values are fixed sets: nothing a client sends becomes a label.
-SESSION_STATES = ("waiting", "paired")
-SESSION_EVENTS = ("created", "paired", "ended", "expired")
-RATE_LIMITS = ("messages_user", "messages_ip", "connections_ip", "join_failures_ip", "api_ip")
-CLOSE_CODES = (*(str(int(code)) for code in CloseCode), "1006")
-OTHER = "other"
 
-MESSAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-STORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-S = TypeVar("S")
-
-
-# --- metrics -----------------------------------------------------------------------
-
-
-class Metrics:
-    """The server's metrics, in a registry of its own, with every label set fixed."""
-
-    def __init__(self, connections: Callable[[], int] = lambda: 0) -> None:
-        prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]  # no `_created` series
-        self.started = time.monotonic()
-        self.registry = registry = CollectorRegistry()
-        prometheus_client.ProcessCollector(registry=registry)
-        prometheus_client.PlatformCollector(registry=registry)
-        prometheus_client.GCCollector(registry=registry)
-
-        self.connections = Gauge("tandem_connections", "Open WebSocket connections", registry=registry)
-        self.connections.set_function(lambda: float(connections()))
-        self.connections_opened = Counter(
-            "tandem_connections_opened", "WebSocket connections accepted", registry=registry
-        )
-        closed = Counter(
-            "tandem_connections_closed", "WebSocket connections closed, by close code", ["code"], registry=registry
-        )
-        self._closed = {code: closed.labels(code) for code in (*CLOSE_CODES, OTHER)}
-
-        sessions = Gauge("tandem_sessions", "Live sessions, by state", ["state"], registry=registry)
-        self._sessions = {state: sessions.labels(state) for state in SESSION_STATES}
-        events = Counter("tandem_session_events", "Session lifecycle events", ["event"], registry=registry)
-        self.session_events = {event: events.labels(event) for event in SESSION_EVENTS}
-
-        self.messages = Counter("tandem_messages", "Messages stored and acknowledged", registry=registry)
-        self.message_seconds = Histogram(
-            "tandem_message_handling_seconds",
-            "From a message:send read to its message:ack queued (the store commit included)",
-            buckets=MESSAGE_BUCKETS,
-            registry=registry,
-        )
-        errors = Counter("tandem_errors", "Error frames and refusals sent, by error code", ["code"], registry=registry)
-        self._errors = {str(code): errors.labels(str(code)) for code in ErrorCode}
-        limited = Counter(
-            "tandem_rate_limited", "Requests refused by a rate limit, by limit", ["limit"], registry=registry
-        )
-        self._limited = {name: limited.labels(name) for name in (*RATE_LIMITS, OTHER)}
-
-        self.store_seconds = Histogram(
-            "tandem_store_operation_seconds",
-            "Store operation latency, by backend and operation",
-            ["backend", "op"],
-            buckets=STORE_BUCKETS,
-            registry=registry,
-        )
-        self.store_errors = Counter(
-            "tandem_store_errors",
-            "Store operations that failed, by backend and operation",
-            ["backend", "op"],
-            registry=registry,
-        )
-
-        self.loop_lag = Gauge(
-            "tandem_event_loop_lag_seconds", f"Worst event-loop lag in the last {LAG_WINDOW_S:g} s", registry=registry
-        )
-        self.ready = Gauge("tandem_ready", "1 while /health/ready passes or warns", registry=registry)
-        self.draining = Gauge("tandem_draining", "1 once shutdown has begun", registry=registry)
-
-        self._throttle = logging_setup.Throttle(log)
-
-    def closed(self, code: int) -> None:
-        self._closed.get(str(code), self._closed[OTHER]).inc()
-
-    def error(self, exc: TandemError) -> None:
-        """Count an error sent to a client; a rate-limit error also counts against its limit."""
-        self._errors[str(exc.code)].inc()
-        if exc.code == ErrorCode.RATE_LIMITED:
-            self.rate_limited(_limit_named_in(exc.message), counted=True)
-
-    def refused(self, code: ErrorCode) -> None:
-        """Count a WebSocket handshake refused with an HTTP error."""
-        self._errors[str(code)].inc()
-
-    def rate_limited(self, limit: str, counted: bool = False) -> None:
-        """A request refused by `limit`: counted every time, logged at most every 10 s per limit."""
-        if not counted:
-            self._errors[str(ErrorCode.RATE_LIMITED)].inc()
-        name = limit if limit in self._limited else OTHER
-        self._limited[name].inc()
-        self._throttle.log(logging.WARNING, "rate_limit.refused", name, {"limit": name})
-
-    def store_error(self, backend: str, op: str, exc: ServerError) -> None:
-        self.store_errors.labels(backend, op).inc()
-        fields = {"backend": backend, "op": op, "code": str(exc.code), "error": exc.message}
-        self._throttle.log(logging.WARNING, "store.error", f"{backend}:{op}:{exc.code}", fields)
-
-    def set_sessions(self, counts: dict[str, int]) -> None:
-        for state, child in self._sessions.items():
-            child.set(counts.get(state, 0))
-
-    def values(self) -> dict[str, float]:
-        """Tandem's unlabelled samples and label sums, by sample name (one collection)."""
-        totals: dict[str, float] = {}
-        for family in self.registry.collect():
-            if family.name.startswith("tandem_"):
-                for sample in family.samples:
-                    totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
-        return totals
-
-    def summary(self, sessions: dict[str, int]) -> dict[str, Any]:
-        """The JSON view of /metrics: uptime, memory, cpu, connections, sessions, messages."""
-        values = self.values()
-        handled = values.get("tandem_message_handling_seconds_count", 0.0)
-        seconds = values.get("tandem_message_handling_seconds_sum", 0.0)
-        return {
-            "uptime": round(time.monotonic() - self.started, 3),
-            "memory": {"rss_bytes": _rss_bytes()},
-            "cpu": {"seconds": round(time.process_time(), 3)},
-            "connections": {
-                "open": int(values.get("tandem_connections", 0)),
-                "opened": int(values.get("tandem_connections_opened_total", 0)),
-            },
-            "sessions": sessions,
-            "messages": {
-                "total": int(values.get("tandem_messages_total", 0)),
-                "mean_handling_ms": round(seconds / handled * 1000, 3) if handled else None,
-                "errors": int(values.get("tandem_errors_total", 0)),
-                "rate_limited": int(values.get("tandem_rate_limited_total", 0)),
-            },
-        }
-
-
-def _limit_named_in(message: str) -> str:
-    match = re.search(r"rate limit (\w+)", message)
-    return match.group(1) if match else OTHER
-
-
-def _rss_bytes() -> int | None:
-    try:
-        with open("/proc/self/statm", "rb") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def instrument_store(store: S, metrics: Metrics, backend: str) -> S:
-    """Time this store's operations and count their errors, in place.
-
-    The store keeps its class and every other attribute: only the bound
-    methods named in STORE_OPS of this one instance are wrapped, so a store
-    with more methods (or fewer) needs no change here.
-    """
-    for op in STORE_OPS:
-        method = getattr(store, op, None)
-        if method is not None:
-            setattr(store, op, _instrumented(method, metrics, backend, op))
-    return store
-
-
-def _instrumented(
-    method: Callable[..., Awaitable[Any]], metrics: Metrics, backend: str, op: str
-) -> Callable[..., Awaitable[Any]]:
-    observe = metrics.store_seconds.labels(backend, op).observe if op in TIMED_STORE_OPS else None
-
-    @functools.wraps(method)
-    async def call(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return await method(*args, **kwargs)
-        except ServerError as exc:  # the backend failed (a client's mistake is a ClientError)
-            metrics.store_error(backend, op, exc)
-            raise
-        finally:
-            if observe is not None:
-                observe(time.perf_counter() - start)
-
-    return call
-
-
-@runtime_checkable
 class SessionCounter(Protocol):
-    async def count_sessions(self, now: int) -> dict[str, int]: ...
+    async def count_sessions(self, now: int) -> dict[str, int] | None:
+        """Live sessions by state, or None where counting is not cheap (Redis)."""
+        ...
 
 
 # --- liveness ----------------------------------------------------------------------
@@ -364,7 +175,7 @@ class Readiness:
                 await check.probe()
             except Exception as exc:  # a backend that fails is a result, not a crash
                 message = exc.message if isinstance(exc, TandemError) else str(exc)
-                output = logging_setup.hide_credentials(f"{type(exc).__name__}: {message}")[:MAX_OUTPUT]
+                output = hide_credentials(f"{type(exc).__name__}: {message}")[:MAX_OUTPUT]
         elapsed = self.clock() - start
         if scope.cancelled_caught:
             output = f"no answer within {self.timeout:g} s (READY_TIMEOUT)"
@@ -391,18 +202,55 @@ def _health_response(body: Mapping[str, object], ok: bool) -> Response:
     )
 
 
-class Health:
-    """The probes and /metrics of one server, and the lag monitor task they read."""
+def _peer(scope: Scope) -> str:
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
 
-    def __init__(self, config: Config, metrics: Metrics, store: object) -> None:
+
+def is_loopback(address: str) -> bool:
+    """`address` is an IP address of this host's loopback (IPv4-mapped IPv6 included)."""
+    try:
+        ip = ipaddress.ip_address(address.strip("[]"))
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def _same_host(a: str, b: str) -> bool:
+    try:
+        return ipaddress.ip_address(a.strip("[]")) == ipaddress.ip_address(b.strip("[]"))
+    except ValueError:
+        return a.lower() == b.lower()
+
+
+class Health:
+    """The probes and /metrics of one server, and the lag monitor task they read.
+
+    `client_ip` resolves a request's client address (through TRUSTED_PROXIES);
+    without METRICS_TOKEN, /metrics on the main port is served to loopback only.
+    """
+
+    def __init__(
+        self, config: Config, metrics: Metrics, store: SessionCounter, client_ip: Callable[[Scope], str] = _peer
+    ) -> None:
         self.config = config
         self.metrics = metrics
+        self.client_ip = client_ip
         self.monitor = LoopMonitor()
         self.readiness = Readiness(config.ready_timeout, metrics)
+        self.rendered = RenderCache(METRICS_CACHE_S)
         self.stopping = False  # SIGTERM seen: readiness fails from now on
-        self._counter = store if isinstance(store, SessionCounter) else None
+        self._counter = store
         self._sessions: dict[str, int] = {}
         self._sessions_at = -SESSIONS_CACHE_S
+        self._token = config.metrics_token.encode()
+        # The METRICS_ADDRESS listener as (host, port); requests arriving there are told apart by port.
+        self.listener: tuple[str, int] | None = None
+        if config.metrics_address is not None:
+            host, _, port = config.metrics_address.rpartition(":")
+            self.listener = (host.strip("[]"), int(port))
         metrics.loop_lag.set_function(self.monitor.lag)
 
     async def run(self) -> None:
@@ -416,11 +264,31 @@ class Health:
         self.metrics.ready.set(0)
 
     def routes(self) -> list[BaseRoute]:
+        """The main port's routes: /metrics asks for credentials."""
         return [
             Route("/health/live", self.live),
             Route("/health/ready", self.ready),
             Route("/metrics", self.metrics_endpoint),
         ]
+
+    def listener_routes(self) -> list[BaseRoute]:
+        """The METRICS_ADDRESS listener's routes: the probes and /metrics, no credentials."""
+        return [
+            Route("/health/live", self.live),
+            Route("/health/ready", self.ready),
+            Route("/metrics", self.scrape),
+        ]
+
+    def on_listener(self, scope: Scope) -> bool:
+        """The request came in on the METRICS_ADDRESS listener (by the local port it reached)."""
+        server = scope.get("server")
+        if self.listener is None or not server or server[1] != self.listener[1]:
+            return False
+        if self.listener[1] != self.config.port:
+            return True
+        # The main listener has the same port on another address: the local
+        # address decides; one that cannot be matched falls to the main port's rules.
+        return _same_host(str(server[0]), self.listener[0])
 
     async def live(self, request: Request) -> Response:
         lag = self.monitor.lag()
@@ -448,19 +316,80 @@ class Health:
 
     async def sessions(self) -> dict[str, int]:
         """Live sessions by state from the store, reused for SESSIONS_CACHE_S; {} if unknown."""
-        if self._counter is None or time.monotonic() - self._sessions_at < SESSIONS_CACHE_S:
+        if time.monotonic() - self._sessions_at < SESSIONS_CACHE_S:
             return self._sessions
         self._sessions_at = time.monotonic()  # a failing store is asked again only after the cache time
-        # A store error is counted and logged by instrument_store; the last counts stay.
+        # A store error is counted and logged by the store's observer; the last counts stay.
         with trio.move_on_after(self.config.ready_timeout), contextlib.suppress(TandemError):
-            self._sessions = await self._counter.count_sessions(time.time_ns() // 1_000_000)
+            self._sessions = await self._counter.count_sessions(time.time_ns() // 1_000_000) or {}
         self.metrics.set_sessions(self._sessions)
         return self._sessions
 
     async def metrics_endpoint(self, request: Request) -> Response:
-        sessions = await self.sessions()
+        """/metrics on the main port: with METRICS_TOKEN its bearer token, else a loopback client."""
+        refusal = self._refusal(request)
+        if refusal is not None:
+            self.metrics.refused(ErrorCode.UNAUTHORIZED)
+            return refusal
+        return await self.scrape(request)
+
+    def _refusal(self, request: Request) -> Response | None:
+        if self._token:
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            # Header values are latin-1 (Starlette decodes them so): these are the bytes
+            # sent. compare_digest takes as long however much of the token matches.
+            if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode("latin-1"), self._token):
+                return None
+            return _unauthorized(
+                401, "/metrics needs Authorization: Bearer METRICS_TOKEN", {"WWW-Authenticate": "Bearer"}
+            )
+        if is_loopback(self.client_ip(request.scope)):
+            return None
+        return _unauthorized(403, "/metrics is served to loopback clients only (see METRICS_TOKEN, METRICS_ADDRESS)")
+
+    async def scrape(self, request: Request) -> Response:
+        """The metrics, as JSON or the exposition format the scraper accepts, from the render cache."""
         accept = request.headers.get("accept", "")
-        if "application/json" in accept:
-            return Response(orjson.dumps(self.metrics.summary(sessions)), media_type="application/json")
+        if JSON_FORM in accept:
+            body = await self.rendered.get(JSON_FORM, self._render_json)
+            return Response(body, media_type=JSON_FORM)
         encode, content_type = choose_encoder(accept)
-        return Response(encode(self.metrics.registry), headers={"Content-Type": content_type})
+
+        async def render() -> bytes:
+            await self.sessions()  # sets the tandem_sessions gauges
+            return bytes(encode(self.metrics.registry))
+
+        body = await self.rendered.get(content_type, render)
+        return Response(body, headers={"Content-Type": content_type})
+
+    async def _render_json(self) -> bytes:
+        return orjson.dumps(self.metrics.summary(await self.sessions()))
+
+
+def _unauthorized(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
+    body = {"error": {"code": str(ErrorCode.UNAUTHORIZED), "message": message}}
+    return JSONResponse(body, status, headers={"Cache-Control": "no-store", **(headers or {})})
+
+
+class MetricsListener:
+    """ASGI middleware: a request that reached the METRICS_ADDRESS listener gets the probes
+    and /metrics (no credentials) and nothing else (404); others pass to the app."""
+
+    def __init__(self, app: ASGIApp, health: Health) -> None:
+        self.app = app
+        self.health = health
+        self.router = Router(routes=health.listener_routes(), redirect_slashes=False, default=_not_found)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket") and self.health.on_listener(scope):
+            await self.router(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
+async def _not_found(scope: Scope, receive: Receive, send: Send) -> None:
+    body = {"error": {"code": str(ErrorCode.NOT_FOUND), "message": "METRICS_ADDRESS serves /metrics and /health/*"}}
+    if scope["type"] == "websocket" and "websocket.http.response" not in scope.get("extensions", {}):
+        await send({"type": "websocket.close", "code": 1008})  # no HTTP denial possible: refuse the handshake
+        return
+    await JSONResponse(body, 404)(scope, receive, send)

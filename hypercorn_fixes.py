@@ -1,28 +1,139 @@
-"""A fix for Hypercorn 0.18's WebSocket message limit, installed at start-up.
+"""Fixes and limits for Hypercorn 0.18's WebSocket and HTTP layers, installed by `install()` at start-up.
 
-Past `websocket_max_message_size` Hypercorn sends 1009 but keeps buffering the
-frame's tail and stops handling the events after it, so the peer's close reply
-is lost: the app hears nothing until `read_timeout` and the client's close
-hangs. The replacement drops a rejected frame's data and keeps handling
-events, so the close handshake completes and the app sees the disconnect.
+Each fix replaces one Hypercorn or wsproto method with a corrected copy (ping/close race, missing close
+frames, unbounded inflation, HTTP/2 reset floods), and `TCPServer.run` is wrapped so that an error of
+one connection closes that connection only. Compression and cleartext HTTP/2 stay off unless enabled.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from importlib.metadata import version
 from typing import Any
 
-from hypercorn.protocol import ws_stream
+import h2.errors
+import h2.events
+import trio
+from hypercorn.events import Closed, RawData
+from hypercorn.protocol import ProtocolWrapper, ws_stream
 from hypercorn.protocol.events import StreamClosed
+from hypercorn.protocol.h2 import H2Protocol
+from hypercorn.protocol.h11 import H2ProtocolAssumedError, H11Protocol
+from hypercorn.trio.tcp_server import TCPServer
 from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection, Message, Ping
-from wsproto.frame_protocol import CloseReason
+from wsproto.extensions import PerMessageDeflate
+from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol, Opcode, RsvBits
 
 FIXED_VERSION = "0.18.0"
 
+# permessage-deflate's end-of-message marker, stripped by the sender (RFC 7692 7.2.2).
+DEFLATE_TAIL = b"\x00\x00\xff\xff"
+# Compressed bytes one message may take: MAX_MESSAGE_BYTES times this, plus
+# the slack. Incompressible data grows by 5 bytes per 64 KiB stored block, so
+# this is ample, while a stream of empty blocks that inflates to nothing cannot run on.
+MAX_DEFLATE_INPUT_RATIO = 2
+DEFLATE_INPUT_SLACK = 1024
+# HTTP/2 stream resets a connection may cause (CVE-2023-44487, rapid reset):
+# a burst of this many, refilled at RESETS_PER_SECOND. A proxy cancelling its
+# clients' requests stays far below; a flood gets GOAWAY and the connection closes.
+MAX_RESET_BURST = 100
+RESETS_PER_SECOND = 10.0
 
-async def _handle_events(self: Any) -> None:
+log = logging.getLogger("tandem")
+
+CrashCallback = Callable[[BaseException], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    max_message_bytes: int = 65536
+    ws_compression: bool = False
+    http2_cleartext: bool = False
+
+
+_settings = Settings()
+_on_crash: CrashCallback | None = None
+
+# Hypercorn's own methods, taken once at import: `install()` may run again without wrapping twice.
+_original_run = TCPServer.run
+_original_protocol_send = TCPServer.protocol_send
+_original_handshake_init = ws_stream.Handshake.__init__
+_original_check_protocol = H11Protocol._check_protocol
+_original_wrapper_handle = ProtocolWrapper.handle
+_original_h2_handle_events = H2Protocol._handle_events
+
+
+# --- one connection's error closes that connection only ---------------------------
+
+
+def _peer(server: Any) -> str | None:
+    with contextlib.suppress(AttributeError, OSError, IndexError):
+        sock = getattr(server.stream, "transport_stream", server.stream).socket
+        return str(sock.getpeername()[0])
+    return None
+
+
+async def _tcp_run(self: Any) -> None:
+    """TCPServer.run: an Exception of this connection is logged, counted, and
+    ends this connection; trio.Cancelled and other BaseExceptions pass on."""
+    peer = _peer(self)
+    try:
+        await _original_run(self)
+    except* Exception as group:
+        errors = [type(exc).__name__ for exc in _leaves(group)]
+        log.error("connection.crashed", exc_info=group, extra={"fields": {"ip": peer, "errors": errors}})
+        if _on_crash is not None:
+            try:
+                _on_crash(group)
+            except Exception:  # a broken counter must not undo the guard
+                log.exception("connection.crash_callback_failed")
+        with trio.CancelScope(shield=True):
+            await trio.aclose_forcefully(self.stream)
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+async def _tcp_protocol_send(self: Any, event: Any) -> None:
+    """TCPServer.protocol_send: a send that finds the socket closing closes the connection.
+
+    `_close` sends EOF outside `send_lock` and holds trio's send-conflict
+    detector across a checkpoint: a ping sent meanwhile gets BusyResourceError,
+    which Hypercorn let escape and end the whole server.
+    """
+    if not isinstance(event, RawData):
+        await _original_protocol_send(self, event)
+        return
+    async with self.send_lock:
+        try:
+            with trio.CancelScope(shield=True):
+                await self.stream.send_all(event.data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
+            await self.protocol.handle(Closed())
+
+
+# --- WebSocket frames ---------------------------------------------------------------
+
+
+async def _ws_handle_events(self: Any) -> None:
+    """WSStream._handle_events, with two fixes.
+
+    Past `websocket_max_message_size` Hypercorn sent 1009 but kept buffering
+    the frame's tail and stopped handling the events after it: the peer's close
+    reply was lost. A rejected frame's data is dropped and events go on.
+    A frame wsproto cannot parse (invalid UTF-8, reserved opcode or bit, a
+    continuation without a start, too big once inflated) leaves the connection
+    OPEN: Hypercorn dropped the socket without a close frame. It gets one with
+    wsproto's code (1007, 1002 or 1009, RFC 6455 7.4.1) before the stream ends.
+    """
     for event in self.connection.events():
         if isinstance(event, Message):
             if self.connection.state is not ConnectionState.OPEN:
@@ -39,14 +150,166 @@ async def _handle_events(self: Any) -> None:
         elif isinstance(event, Ping):
             await self._send_wsproto_event(event.response())
         elif isinstance(event, CloseConnection):
-            if self.connection.state == ConnectionState.REMOTE_CLOSING:
+            if self.connection.state is ConnectionState.REMOTE_CLOSING:
                 await self._send_wsproto_event(event.response())
+            elif self.connection.state is ConnectionState.OPEN:  # wsproto's ParseFailed
+                await self._send_wsproto_event(CloseConnection(code=event.code))
             await self.send(StreamClosed(stream_id=self.stream_id))
 
 
-def install() -> None:
+async def _ws_send_pings(self: Any) -> None:
+    """WSStream._send_pings: stops once the stream is closed or closing, as a ping
+    sent then could only race the close (see `_tcp_protocol_send`)."""
+    while not self.closed and self.connection.state is ConnectionState.OPEN:
+        await self._send_wsproto_event(Ping())
+        await self.context.sleep(self.config.websocket_ping_interval)
+
+
+def _ws_handshake_init(self: Any, headers: list[tuple[bytes, bytes]], http_version: str) -> None:
+    """Handshake.__init__: without WS_COMPRESSION an extension offer is ignored,
+    so the 101 names none and frames with RSV1 set are refused (1002)."""
+    _original_handshake_init(self, headers, http_version)
+    if not _settings.ws_compression:
+        self.extensions = None
+
+
+class BoundedPerMessageDeflate(PerMessageDeflate):
+    """permessage-deflate that inflates at most MAX_MESSAGE_BYTES + 1 per message.
+
+    wsproto inflates each chunk whole: a 1 MiB frame can become 1 GiB. Here
+    each chunk inflates to at most what the message has left; more means 1009
+    (wsproto turns the CloseReason into ParseFailed), and the rest of the
+    message is refused without being inflated.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_bytes = _settings.max_message_bytes
+        self._inflated = 0  # of the message in hand
+        self._consumed = 0  # compressed bytes of the message in hand
+        self._rejected = False
+
+    def frame_inbound_header(
+        self, proto: FrameDecoder | FrameProtocol, opcode: Opcode, rsv: RsvBits, payload_length: int
+    ) -> CloseReason | RsvBits:
+        if opcode in (Opcode.TEXT, Opcode.BINARY):  # a new message
+            self._inflated = self._consumed = 0
+            self._rejected = False
+        return super().frame_inbound_header(proto, opcode, rsv, payload_length)
+
+    def frame_inbound_payload_data(self, proto: FrameDecoder | FrameProtocol, data: bytes) -> bytes | CloseReason:
+        if not self._inbound_compressed or not self._inbound_is_compressible:
+            return data
+        return self._inflate(data)
+
+    def frame_inbound_complete(self, proto: FrameDecoder | FrameProtocol, fin: bool) -> bytes | CloseReason | None:
+        if not fin or not self._inbound_is_compressible or not self._inbound_compressed:
+            return super().frame_inbound_complete(proto, fin)
+        data = self._inflate(DEFLATE_TAIL)  # no flush(): it would inflate an unconsumed tail unbounded
+        if isinstance(data, CloseReason):
+            return data
+        if self.server_no_context_takeover if proto.client else self.client_no_context_takeover:
+            self._decompressor = None
+        self._inbound_compressed = None
+        return data
+
+    def _inflate(self, data: bytes) -> bytes | CloseReason:
+        self._consumed += len(data)
+        if self._rejected or self._consumed > self.max_bytes * MAX_DEFLATE_INPUT_RATIO + DEFLATE_INPUT_SLACK:
+            self._rejected = True
+            return CloseReason.MESSAGE_TOO_BIG
+        # What the message may still take, plus the one byte that proves it too
+        # big; at least 1 here, as 0 would mean "no limit" to zlib.
+        room = self.max_bytes + 1 - self._inflated
+        assert self._decompressor is not None
+        try:
+            out = self._decompressor.decompress(data, room)
+        except zlib.error:
+            return CloseReason.INVALID_FRAME_PAYLOAD_DATA
+        self._inflated += len(out)
+        if self._inflated > self.max_bytes or self._decompressor.unconsumed_tail:
+            self._rejected = True
+            return CloseReason.MESSAGE_TOO_BIG
+        return out
+
+
+# --- cleartext HTTP/2 -------------------------------------------------------------
+
+
+async def _h11_check_protocol(self: Any, event: Any) -> None:
+    """H11Protocol._check_protocol: without HTTP2_CLEARTEXT `Upgrade: h2c` is
+    ignored (the request is answered in HTTP/1.1); the HTTP/2 preface still
+    raises H2ProtocolAssumedError, which `_wrapper_handle` refuses."""
+    if _settings.http2_cleartext:
+        await _original_check_protocol(self, event)
+    elif event.method == b"PRI" and event.target == b"*" and event.http_version == b"2.0":
+        raise H2ProtocolAssumedError(b"")
+
+
+async def _wrapper_handle(self: Any, event: Any) -> None:
+    """ProtocolWrapper.handle: without HTTP2_CLEARTEXT prior-knowledge HTTP/2 gets 400 and the socket closes."""
+    if _settings.http2_cleartext:
+        await _original_wrapper_handle(self, event)
+        return
+    try:
+        await self.protocol.handle(event)
+    except H2ProtocolAssumedError:
+        await self.protocol._send_error_response(400)
+        await self.send(Closed())
+
+
+async def _h2_handle_events(self: Any, events: list[h2.events.Event]) -> None:
+    """H2Protocol._handle_events: stream resets draw on a bucket of
+    MAX_RESET_BURST refilled at RESETS_PER_SECOND; the event that empties it
+    ends the connection with GOAWAY(ENHANCE_YOUR_CALM), before any more streams start."""
+    now = trio.current_time()
+    tokens, last = getattr(self, "_tandem_resets", (float(MAX_RESET_BURST), now))
+    tokens = min(float(MAX_RESET_BURST), tokens + (now - last) * RESETS_PER_SECOND)
+    for index, event in enumerate(events):
+        if not isinstance(event, h2.events.StreamReset):
+            continue
+        tokens -= 1  # the peer's RST_STREAM, or one h2 sent because the peer erred
+        if tokens < 0:
+            await _original_h2_handle_events(self, events[:index])
+            self.connection.close_connection(error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+            await self._flush()
+            await self.send(Closed())
+            log.warning("http2.reset_flood", extra={"fields": {"ip": self.client[0] if self.client else None}})
+            return
+    self._tandem_resets = (tokens, now)
+    await _original_h2_handle_events(self, events)
+
+
+# --- installation -------------------------------------------------------------------
+
+
+def set_crash_callback(on_crash: CrashCallback | None) -> None:
+    """Call `on_crash` with the error of each connection that `_tcp_run` ends."""
+    global _on_crash
+    _on_crash = on_crash
+
+
+def install(
+    *,
+    max_message_bytes: int,
+    ws_compression: bool,
+    http2_cleartext: bool,
+    on_crash: CrashCallback | None = None,
+) -> None:
+    """Replace Hypercorn's methods with the ones above, for a server with these settings."""
+    global _settings
     if version("hypercorn") != FIXED_VERSION:
-        logging.getLogger("tandem").warning(
+        log.warning(
             "hypercorn_fixes.unchecked", extra={"fields": {"hypercorn": version("hypercorn"), "fixed": FIXED_VERSION}}
         )
-    ws_stream.WSStream._handle_events = _handle_events  # type: ignore[method-assign]
+    _settings = Settings(max_message_bytes, ws_compression, http2_cleartext)
+    set_crash_callback(on_crash)
+    TCPServer.run = _tcp_run  # type: ignore[method-assign]
+    TCPServer.protocol_send = _tcp_protocol_send  # type: ignore[method-assign]
+    ws_stream.WSStream._handle_events = _ws_handle_events  # type: ignore[method-assign]
+    ws_stream.WSStream._send_pings = _ws_send_pings  # type: ignore[method-assign]
+    ws_stream.Handshake.__init__ = _ws_handshake_init  # type: ignore[method-assign]
+    ws_stream.PerMessageDeflate = BoundedPerMessageDeflate  # type: ignore[attr-defined]
+    H11Protocol._check_protocol = _h11_check_protocol  # type: ignore[method-assign]
+    ProtocolWrapper.handle = _wrapper_handle  # type: ignore[method-assign]
+    H2Protocol._handle_events = _h2_handle_events  # type: ignore[method-assign]

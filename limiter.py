@@ -25,9 +25,10 @@ from typing import Any, Protocol
 
 import redis
 import redis.cluster
-import trio
 
-from protocol import ClientError, ErrorCode
+import redis_client
+from logging_setup import Outage
+from protocol import ClientError, ErrorCode, ServerError
 
 log = logging.getLogger("tandem.limiter")
 
@@ -62,13 +63,15 @@ class Limits:
     api_ip: Rule | None = None
 
 
-# IPv6 addresses are counted per /64: one subscriber usually holds a whole
-# /64 and can rotate through it at will.
+# IPv6 addresses are counted per block: one subscriber usually holds a /64
+# and can rotate through it at will; a site often holds a /48 (65,536 /64s),
+# so guessing failures, which a legitimate user rarely has, count per /48.
 IPV6_BLOCK = 64
+IPV6_SITE = 48
 
 
-def address_block(ip: str) -> str:
-    """What a limit per address counts: an IPv4 address, or an IPv6 address's /64."""
+def address_block(ip: str, ipv6_prefix: int = IPV6_BLOCK) -> str:
+    """What a limit per address counts: an IPv4 address, or an IPv6 address's block."""
     try:
         address = ipaddress.ip_address(ip)
     except ValueError:
@@ -76,7 +79,7 @@ def address_block(ip: str) -> str:
     if isinstance(address, ipaddress.IPv6Address):
         if address.ipv4_mapped is not None:
             return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((address, IPV6_BLOCK), strict=False))
+        return str(ipaddress.IPv6Network((address, ipv6_prefix), strict=False))
     return str(address)
 
 
@@ -94,8 +97,8 @@ class Pseudonyms:
     def _hash(self, kind: bytes, value: str) -> str:
         return hmac.new(self._key, kind + value.encode(), hashlib.sha256).hexdigest()[:24]
 
-    def address(self, ip: str) -> str:
-        return self._hash(b"ip:", address_block(ip))
+    def address(self, ip: str, ipv6_prefix: int = IPV6_BLOCK) -> str:
+        return self._hash(b"ip:", address_block(ip, ipv6_prefix))
 
     def code(self, code: str) -> str:
         return self._hash(b"code:", code)
@@ -196,7 +199,11 @@ class Limiter(Protocol):
 class MemoryLimiter:
     """Per-process limits; the embedded store's, and Redis's fallback."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic, max_keys: int = MEMORY_MAX_KEYS) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        max_keys: int = MEMORY_MAX_KEYS,
+    ) -> None:
         self._clock = clock
         self._max_keys = max_keys
         self._keys: OrderedDict[tuple[str, str], list[float]] = OrderedDict()
@@ -299,7 +306,13 @@ def redis_key(rule: Rule, key: str) -> str:
 
 def parse_reply(reply: Sequence[Any]) -> Decision:
     allowed, remaining, retry_ms, reset_ms, stamp_ms = reply
-    return Decision(bool(allowed), int(remaining), float(retry_ms) / 1000, float(reset_ms) / 1000, float(stamp_ms))
+    return Decision(
+        bool(allowed),
+        int(remaining),
+        float(retry_ms) / 1000,
+        float(reset_ms) / 1000,
+        float(stamp_ms),
+    )
 
 
 class RedisLimiter:
@@ -309,35 +322,37 @@ class RedisLimiter:
     (or, with `fail_closed`, refuses), counted and logged once per outage.
     """
 
-    def __init__(self, client: redis.Redis | redis.cluster.RedisCluster, *, fail_closed: bool = False) -> None:
+    def __init__(
+        self,
+        client: redis.Redis | redis.cluster.RedisCluster,
+        *,
+        fail_closed: bool = False,
+    ) -> None:
         self._client = client
         self._script = client.register_script(LUA_WINDOW)
         self._fallback = MemoryLimiter()
         self._fail_closed = fail_closed
-        self.outage = False
+        self.outage = Outage(log, "limiter.redis_down", "limiter.redis_back")
         self.fallbacks = 0  # checks decided without Redis
 
     def _call(self, rule: Rule, key: str, mode: str, now_ms: int | None = None) -> Decision:
         reply = self._script(
             keys=[redis_key(rule, key)],
-            args=[rule.limit, round(rule.window * 1000), mode, "" if now_ms is None else now_ms],
+            args=[
+                rule.limit,
+                round(rule.window * 1000),
+                mode,
+                "" if now_ms is None else now_ms,
+            ],
         )
         return parse_reply(reply)
 
     async def _run(self, rule: Rule, key: str, mode: str, stamp_ms: int | None = None) -> Decision:
         try:
-            with trio.fail_after(2.0):
-                decision = await trio.to_thread.run_sync(self._call, rule, key, mode, stamp_ms, abandon_on_cancel=True)
-        except (redis.RedisError, trio.TooSlowError) as exc:
-            # Every redis-py failure (a cluster moving slots, a read-only
-            # replica, a lost connection) is an outage to the limiter.
+            decision = await redis_client.call(self._call, rule, key, mode, stamp_ms)
+        except ServerError as exc:  # an outage (redis_client.DOWN_ERRORS), mapped in one place
             self.fallbacks += 1
-            if not self.outage:
-                self.outage = True
-                log.warning(
-                    "limiter.redis_down",
-                    extra={"fields": {"error": type(exc).__name__, "fail_closed": self._fail_closed}},
-                )
+            self.outage.failed(exc.message, fail_closed=self._fail_closed)
             if self._fail_closed:
                 return Decision(False, 0, 1.0, 1.0)
             match mode:
@@ -350,9 +365,7 @@ class RedisLimiter:
                 case _:
                     await self._fallback.record(rule, key)
                     return Decision(True, 0, 0.0, 0.0)
-        if self.outage:
-            self.outage = False
-            log.info("limiter.redis_back", extra={"fields": {"fallbacks": self.fallbacks}})
+        self.outage.recovered(fallbacks=self.fallbacks)
         return decision
 
     async def hit(self, rule: Rule, key: str) -> Decision:
@@ -370,5 +383,7 @@ class RedisLimiter:
 
 def rate_limited(rule_name: str, retry_after: float) -> ClientError:
     return ClientError(
-        f"rate limit {rule_name} exceeded", ErrorCode.RATE_LIMITED, retry_after=round(max(retry_after, 0.001), 3)
+        f"rate limit {rule_name} exceeded",
+        ErrorCode.RATE_LIMITED,
+        retry_after=round(max(retry_after, 0.001), 3),
     )

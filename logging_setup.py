@@ -1,15 +1,12 @@
 """Structured logging: one redacted line per event, written off the event loop.
 
-One QueueHandler on the root logger serves Tandem and Hypercorn alike: the
-calling thread builds the line (fields bound with `bind`, one redaction step);
-one QueueListener thread writes it as JSON or console text to stdout and LOG_FILE.
+One QueueHandler on the root logger serves Tandem and Hypercorn alike: the calling
+thread builds the line (fields bound with `bind`, redaction.py's one step); one
+QueueListener thread writes it as JSON or console text to stdout and LOG_FILE.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import ipaddress
 import logging
 import os
 import queue
@@ -22,185 +19,38 @@ from contextvars import ContextVar, Token
 from datetime import UTC, date, datetime
 from logging.handlers import QueueHandler, QueueListener
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import Any, TextIO
 
 import orjson
 
 from config import Config
+from redaction import LogSubject, Redactor
 
 # Records waiting for the writer thread; when full, records are dropped and counted.
 QUEUE_SIZE = 10_000
 # How long `Pipeline.stop` waits for the writer thread to write what is queued.
 STOP_TIMEOUT_S = 5.0
-# Longest string kept in a line; tracebacks get more room.
-MAX_STRING = 2_000
-MAX_EXCEPTION = 16_000
-# Items kept from a list and depth kept in nested fields.
-MAX_ITEMS = 50
-MAX_DEPTH = 4
 # Requests Hypercorn's access log reports at DEBUG only: probes, scrapes, upgrades.
 QUIET_PATHS = ("/health/", "/metrics")
-
-LINE_KEYS = frozenset({"timestamp", "level", "event", "logger", "exception"})
-# Field names whose values never appear, whatever they hold.
-SECRET_KEY_PARTS = ("token", "secret", "password", "passwd", "authorization", "cookie", "credential", "api_key")
-BODY_KEYS = frozenset({"data", "body", "payload", "text", "content"})
-# Field names that hold a client address.
-IP_KEYS = frozenset({"ip", "client_ip", "remote_addr", "peer_ip"})
-# The server's own listening addresses: configuration, not client addresses.
-VERBATIM_KEYS = frozenset({"addresses"})
-REDACTED = "[redacted]"
-
-_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)([^\s/@:]*):([^\s/@]*)@")
-_AUTH_SCHEME = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{6,}")
-_QUERY_SECRET = re.compile(r"(?i)([?&;](?:access_token|token|api_key|key|secret|password|auth|signature|sig)=)[^&\s#]*")
-_EMAIL = re.compile(
-    r"(?<![\w.+-])([A-Za-z0-9])[A-Za-z0-9._%+-]*@([A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)+)"
-)
-_IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?!\d|\.\d)")
-_IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
-# A run of 32+ URL-safe characters in both cases looks like a secret (Tandem's
-# tokens are 43): hidden even where no field name says so.
-_SECRET_RUN = re.compile(r"(?<![A-Za-z0-9_-])[A-Za-z0-9_-]{32,}(?![A-Za-z0-9_-])")
+# The shortest key `set_hash_key` takes (HASH_KEY's own minimum).
+MIN_KEY_BYTES = 16
 # Characters that end a line for some reader; JSON escapes those below 0x20.
 _LINE_BREAKS = re.compile("[\x85\u2028\u2029]")
 _CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _PLAIN = re.compile(r"[\w.:/@+\-\[\]]+")
 _PORT = re.compile(r":\d+$")
 
-
-class LogSubject(Protocol):
-    """What a connection exposes to its log lines: its id and its session code."""
-
-    id: str
-    code: str | None
-
-
 _subject: ContextVar[LogSubject | None] = ContextVar("tandem_log_subject", default=None)
 
 
 def bind(subject: LogSubject) -> Token[LogSubject | None]:
-    """Add `conn` and `session` (read when a line is logged) to every line of this task and its children."""
+    """Add `conn` and `session` (read when a line is logged; the code hashed) to every line
+    of this task and its children."""
     return _subject.set(subject)
 
 
 def unbind(token: Token[LogSubject | None]) -> None:
     _subject.reset(token)
-
-
-# --- redaction ----------------------------------------------------------------
-
-
-class Redactor:
-    """The one redaction step every line goes through.
-
-    Values of secret-named fields and message bodies are replaced; in every
-    other string, IP addresses become a keyed hash (or their /24 or /48
-    network), e-mail addresses are masked, URL passwords, auth headers, secret
-    query parameters and token-like runs are hidden, and long strings are cut.
-    """
-
-    def __init__(self, ip_mode: str, key: bytes) -> None:
-        self.ip_mode = ip_mode
-        self._key = key
-
-    def ip(self, address: str) -> str:
-        """A client address as it may appear in a log."""
-        try:
-            parsed = ipaddress.ip_address(address.strip("[]"))
-        except ValueError:
-            return REDACTED
-        if parsed.is_unspecified:
-            return str(parsed)
-        if self.ip_mode == "truncate":
-            prefix = 24 if parsed.version == 4 else 48
-            return str(ipaddress.ip_network(f"{parsed}/{prefix}", strict=False))
-        digest = hmac.new(self._key, parsed.packed, hashlib.sha256).hexdigest()
-        return f"ip-{digest[:16]}"
-
-    def _ip_match(self, match: re.Match[str]) -> str:
-        return self.ip(match.group(0)) if _is_ip(match.group(0)) else match.group(0)
-
-    def text(self, value: str, limit: int = MAX_STRING) -> str:
-        if len(value) > limit:
-            value = value[:limit] + f"...[{len(value) - limit} more]"
-        value = hide_credentials(value)
-        value = _EMAIL.sub(r"\1***@\2", value)
-        value = _IPV4.sub(self._ip_match, value)
-        if value.count(":") >= 2:
-            value = _IPV6.sub(self._ip_match, value)
-        return _SECRET_RUN.sub(_hide_secret_run, value)
-
-    def field(self, key: str, value: object, depth: int = 0) -> object:
-        lowered = key.lower()
-        if any(part in lowered for part in SECRET_KEY_PARTS) or lowered in BODY_KEYS:
-            return REDACTED
-        if lowered in IP_KEYS and isinstance(value, str):
-            return self.ip(value)
-        return self.value(value, depth)
-
-    def value(self, value: object, depth: int = 0) -> object:
-        if value is None or isinstance(value, bool | int | float):
-            return value
-        if isinstance(value, str):
-            return self.text(value)
-        if isinstance(value, bytes | bytearray | memoryview):
-            return f"[{len(value)} bytes]"  # message bodies travel as bytes: never shown
-        if depth >= MAX_DEPTH:
-            return "[nested]"
-        if isinstance(value, Mapping):
-            return {str(k): self.field(str(k), v, depth + 1) for k, v in list(value.items())[:MAX_ITEMS]}
-        if isinstance(value, list | tuple | set | frozenset):
-            return [self.value(v, depth + 1) for v in list(value)[:MAX_ITEMS]]
-        return self.text(str(value))
-
-    def line(self, record: logging.LogRecord, subject: LogSubject | None = None) -> dict[str, object]:
-        """The line for `record`: timestamp, level, event, logger, context, fields, exception."""
-        stamp = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
-        line: dict[str, object] = {
-            "timestamp": stamp.replace("+00:00", "Z"),
-            "level": record.levelname.lower(),
-            "event": self.text(record.getMessage()),
-            "logger": record.name,
-        }
-        if subject is not None:
-            line["conn"] = self.text(subject.id)
-            if subject.code is not None:
-                line["session"] = self.text(subject.code)
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, Mapping):
-            for raw_key, value in fields.items():
-                key = str(raw_key)
-                if key in VERBATIM_KEYS:
-                    line[key] = value
-                else:
-                    line[f"{key}_" if key in LINE_KEYS else key] = self.field(key, value)
-        if record.exc_info and record.exc_info[1] is not None:
-            text = logging.Formatter().formatException(record.exc_info)
-            line["exception"] = self.text(text, MAX_EXCEPTION)
-        elif record.exc_text:
-            line["exception"] = self.text(record.exc_text, MAX_EXCEPTION)
-        return line
-
-
-def hide_credentials(text: str) -> str:
-    """URL passwords, auth headers and secret query parameters hidden: for text that is not a log line."""
-    text = _URL_USERINFO.sub(r"\1\2:***@", text)
-    text = _AUTH_SCHEME.sub(r"\1 " + REDACTED, text)
-    return _QUERY_SECRET.sub(r"\1" + REDACTED, text)
-
-
-def _is_ip(candidate: str) -> bool:
-    try:
-        ipaddress.ip_address(candidate)
-    except ValueError:
-        return False
-    return True
-
-
-def _hide_secret_run(match: re.Match[str]) -> str:
-    run = match.group(0)
-    return REDACTED if run.lower() != run and run.upper() != run else run
 
 
 # --- formatting ------------------------------------------------------------------
@@ -415,7 +265,9 @@ class Pipeline:
     """The queue, its handler for loggers, and the writer thread with its outputs."""
 
     def __init__(self, config: Config, stream: TextIO, clock: Callable[[], float] = time.time) -> None:
-        key = config.log_ip_key.encode() if config.log_ip_key else secrets.token_bytes(32)
+        # HASH_KEY, else a random key: hashes then match within this process only
+        # (until `set_hash_key` installs a key shared by every instance).
+        key = config.hash_key.encode() if config.hash_key else secrets.token_bytes(32)
         self.redactor = Redactor(config.log_ip_mode, key)
         fmt = config.log_format
         if fmt == "auto":
@@ -437,6 +289,12 @@ class Pipeline:
         self.listener.start()
         return self
 
+    def set_hash_key(self, key: bytes) -> None:
+        """Hash addresses and codes with `key` from the next line on."""
+        if len(key) < MIN_KEY_BYTES:
+            raise ValueError(f"a hash key needs at least {MIN_KEY_BYTES} bytes")
+        self.redactor.key = key
+
     def stop(self) -> None:
         self.listener.stop()
         for output in self.outputs:
@@ -450,9 +308,13 @@ def _isatty(stream: TextIO) -> bool:
         return False
 
 
+_installed: Pipeline | None = None  # the pipeline `setup` routed every logger through
+
+
 def setup(config: Config, stream: TextIO | None = None) -> Pipeline:
     """Route every logger through one pipeline; call `stop()` on the result before exit."""
-    pipeline = Pipeline(config, stream or sys.stdout).start()
+    global _installed
+    pipeline = _installed = Pipeline(config, stream or sys.stdout).start()
     root = logging.getLogger()
     root.handlers[:] = [pipeline.handler]
     root.setLevel(config.log_level)
@@ -461,6 +323,16 @@ def setup(config: Config, stream: TextIO | None = None) -> Pipeline:
     access.propagate = True
     logging.getLogger("hypercorn.error").filters[:] = [_HypercornStartup()]
     return pipeline
+
+
+def set_hash_key(key: bytes) -> None:
+    """Key the hashes of the pipeline `setup` installed with `key` (e.g. one shared by
+    every instance through Redis, when HASH_KEY is unset); lines already written keep theirs.
+    Without an installed pipeline there is nothing to key; a key under 16 bytes: ValueError."""
+    if len(key) < MIN_KEY_BYTES:
+        raise ValueError(f"a hash key needs at least {MIN_KEY_BYTES} bytes")
+    if _installed is not None:
+        _installed.set_hash_key(key)
 
 
 class Throttle:
@@ -496,3 +368,40 @@ class Throttle:
         self._last[key] = (now, 0)
         self.logger.log(level, event, extra={"fields": {**fields, "suppressed": last[1] if last else 0}})
         return True
+
+
+class Outage:
+    """A dependency's outage, logged once when it begins and once when it ends.
+
+    Callers report every failure and every success; only the changes are
+    logged (`down_event` at WARNING with the first error, `up_event` at INFO
+    with how long it lasted and how many failures it saw).
+    """
+
+    def __init__(
+        self, logger: logging.Logger, down_event: str, up_event: str, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.logger = logger
+        self.down_event = down_event
+        self.up_event = up_event
+        self.clock = clock
+        self.since: float | None = None  # when the current outage began
+        self.error: str | None = None  # its first error
+        self.failures = 0  # failures seen in the current outage
+
+    @property
+    def down(self) -> bool:
+        return self.since is not None
+
+    def failed(self, error: str, **fields: object) -> None:
+        self.failures += 1
+        if self.since is None:
+            self.since, self.error = self.clock(), error
+            self.logger.warning(self.down_event, extra={"fields": {"error": error, **fields}})
+
+    def recovered(self, **fields: object) -> None:
+        if self.since is None:
+            return
+        lasted = round(self.clock() - self.since, 3)
+        self.logger.info(self.up_event, extra={"fields": {"after_s": lasted, "failures": self.failures, **fields}})
+        self.since, self.error, self.failures = None, None, 0

@@ -210,7 +210,11 @@ def _reject_duplicate_keys(text: str, obj: dict[str, object]) -> None:
     in_text = _key_count(text)
     if in_text == len(obj):
         return
-    if in_text > len(obj) and in_text != _key_count(orjson.dumps(obj)):
+    try:
+        parsed = orjson.dumps(obj)
+    except orjson.JSONEncodeError:  # orjson writes at most 254 levels of nesting
+        raise ClientError("frame is nested too deeply", ErrorCode.BAD_REQUEST) from None
+    if in_text != _key_count(parsed):
         raise ClientError("frame has a repeated key", ErrorCode.BAD_REQUEST)
 
 

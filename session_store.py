@@ -1,31 +1,34 @@
-"""Session model, the store interface, and the embedded SQLite store.
+"""The session store's contract: the model, the events, the interface, group commit.
 
-A store keeps sessions, members and message history durably and turns every
-change into events (`Broadcast`, `Takeover`, `Ended`) handed to `dispatch` in
-commit order. SqliteStore runs every operation on one writer task that batches
-the operations of many connections into one transaction per tick (group
-commit) in a worker thread, so the event loop never waits on the disk.
+A store keeps sessions, members and message history durably and reports every
+change as an event (fields, never wire text) handed to `dispatch` in commit
+order. `sqlite_store.py` and `redis_store.py` implement `SessionStore`; both
+batch the operations of many connections per tick with `GroupCommit`, so the
+event loop never waits on a disk or a network round trip per request.
 """
 
 from __future__ import annotations
 
-import fcntl
-import hmac
-import sqlite3
+import functools
+import logging
+import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 import trio
+from prometheus_client.registry import CollectorRegistry
 
 import protocol
-from limiter import Limiter, LimitKey, MemoryLimiter, rate_limited
+from limiter import Limiter, LimitKey
 from protocol import ClientError, ErrorCode, Member, ServerError
 
+log = logging.getLogger("tandem.store")
+
 T = TypeVar("T")
+P = ParamSpec("P")
+S = TypeVar("S", bound="SessionStore")
 
 # A session holds at most this many members (PROTOCOL.md: pairing).
 MAX_MEMBERS = 2
@@ -33,10 +36,8 @@ MAX_MEMBERS = 2
 CODE_ATTEMPTS = 8
 # Operations waiting for the writer; a full queue makes callers wait (backpressure).
 OP_QUEUE_SIZE = 4096
-# Operations in one transaction: bounds a commit's latency and its memory.
+# Operations in one batch: bounds a commit's latency and its memory.
 MAX_BATCH = 512
-# Sessions one sweep expires; the next tick takes the rest.
-SWEEP_LIMIT = 1000
 
 
 # --- the model ----------------------------------------------------------------
@@ -46,7 +47,7 @@ SWEEP_LIMIT = 1000
 class StoredMessage:
     seq: int
     sender: str
-    data: bytes
+    data: bytes  # the `data` value as compact JSON
     ts: int
 
 
@@ -71,20 +72,40 @@ class Resumed:
     replay: tuple[StoredMessage, ...]
 
 
-# Events, dispatched in commit order to the connections of this process.
+# --- events: what a committed change means to the members connected here ----------
 
 
 @dataclass(frozen=True, slots=True)
-class Broadcast:
-    """Send the frame `text` to the members of `code` connected here, except `exclude`.
-
-    `seq` is the message's seq for a `message` frame, else 0.
-    """
+class MessageStored:
+    """A message was stored: the other members receive it."""
 
     code: str
-    text: str
-    exclude: str | None = None
-    seq: int = 0
+    message: StoredMessage
+
+
+@dataclass(frozen=True, slots=True)
+class Paired:
+    """The session reached two members: every member is told."""
+
+    code: str
+    clients: tuple[Member, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceChanged:
+    """A member's connection dropped or came back: the others are told."""
+
+    code: str
+    client_id: str
+    online: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PeerLeft:
+    """A member left with `session:leave`: the others are told."""
+
+    code: str
+    client_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,13 +119,14 @@ class Takeover:
 
 @dataclass(frozen=True, slots=True)
 class Ended:
-    """The session is gone: send the frame `text` (if any) and release its connections."""
+    """The session is gone. `reason` ("idle", "ttl", "ended") is told to the
+    members online; None when its last member left (nobody to tell)."""
 
     code: str
-    text: str | None
+    reason: str | None
 
 
-Event = Broadcast | Takeover | Ended
+Event = MessageStored | Paired | PresenceChanged | PeerLeft | Takeover | Ended
 Dispatch = Callable[[Event], None]
 
 
@@ -118,23 +140,81 @@ def no_such_member() -> ClientError:
     return ClientError("no such session, or wrong client_id or token", ErrorCode.NOT_FOUND)
 
 
-class SessionStore(ABC):
-    """Durable sessions. Every method takes `now` in ms since the Unix epoch."""
+def session_full() -> ClientError:
+    return ClientError("the session already has two members", ErrorCode.SESSION_FULL)
 
+
+# --- the interface -------------------------------------------------------------------
+
+
+class StoreObserver(Protocol):
+    """Where a store reports the latency and the failures of its operations."""
+
+    def observe(self, op: str, seconds: float) -> None: ...
+
+    def failed(self, op: str, error: ServerError) -> None: ...
+
+
+# A store operation: an async method of a store.
+Method = Callable[Concatenate[S, P], Coroutine[Any, Any, T]]
+
+
+class _Unobserved:
+    def observe(self, op: str, seconds: float) -> None:
+        pass
+
+    def failed(self, op: str, error: ServerError) -> None:
+        pass
+
+
+def timed(op: str) -> Callable[[Method[S, P, T]], Method[S, P, T]]:
+    """Report the operation's latency, and its backend failures (a ServerError;
+    a client's mistake is a ClientError), to the store's observer."""
+
+    def decorate(method: Method[S, P, T]) -> Method[S, P, T]:
+        @functools.wraps(method)
+        async def run(store: S, /, *args: P.args, **kwargs: P.kwargs) -> T:
+            started = time.perf_counter()
+            try:
+                return await method(store, *args, **kwargs)
+            except ServerError as exc:
+                store.observer.failed(op, exc)
+                raise
+            finally:
+                store.observer.observe(op, time.perf_counter() - started)
+
+        return run
+
+    return decorate
+
+
+class SessionStore(ABC):
+    """Durable sessions. Every method takes `now` in ms since the Unix epoch.
+
+    Failures reach the caller as `protocol.TandemError`s: a ClientError for
+    the request (`not_found`, `session_full`, ...), a ServerError when the
+    backend failed (`unavailable` with `retry_after`).
+    """
+
+    backend: str  # "sqlite" or "redis": a metrics label
     limiter: Limiter  # rate limits kept where the sessions are
+    observer: StoreObserver = _Unobserved()
 
     @abstractmethod
     async def create(
         self, new_code: Callable[[], str], client_id: str, token_hash: bytes, conn_id: str, now: int
-    ) -> Created: ...
+    ) -> Created:
+        """A new session with its creator as first member, online on `conn_id`."""
 
     @abstractmethod
-    async def join(self, code: str, client_id: str, token_hash: bytes, conn_id: str, now: int) -> Joined: ...
+    async def join(self, code: str, client_id: str, token_hash: bytes, conn_id: str, now: int) -> Joined:
+        """Add a member; `not_found` or `session_full`."""
 
     @abstractmethod
     async def resume(
         self, code: str, client_id: str, token_hash: bytes, conn_id: str, last_seq: int, now: int
-    ) -> Resumed: ...
+    ) -> Resumed:
+        """Put a member back online on `conn_id`; `no_such_member` for any mismatch."""
 
     @abstractmethod
     async def append(
@@ -167,41 +247,19 @@ class SessionStore(ABC):
     def unwatch(self, code: str) -> None:
         """This process no longer needs the events of `code`."""
 
+    async def count_sessions(self, now: int) -> dict[str, int] | None:
+        """Live sessions by state ("waiting", "paired"), or None where counting is not cheap."""
+        return None
+
     async def shared_secret(self) -> bytes | None:
         """A secret every instance on this store agrees on, or None (one process)."""
         return None
 
+    def register_metrics(self, registry: CollectorRegistry) -> None:  # noqa: B027  # optional, not abstract
+        """Add the store's own metrics to `registry`; none by default."""
 
-# --- SQLite ---------------------------------------------------------------------
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS sessions (
-    code        TEXT PRIMARY KEY,
-    created_at  INTEGER NOT NULL,
-    ttl_at      INTEGER NOT NULL,    -- hard expiry: created_at + SESSION_TTL
-    idle_at     INTEGER NOT NULL,    -- last activity + SESSION_IDLE_TIMEOUT
-    last_seq    INTEGER NOT NULL DEFAULT 0,
-    trimmed_seq INTEGER NOT NULL DEFAULT 0   -- newest seq dropped from history
-) WITHOUT ROWID;
--- the sweeper's query: WHERE min(idle_at, ttl_at) <= now
-CREATE INDEX IF NOT EXISTS sessions_deadline ON sessions (min(idle_at, ttl_at));
-CREATE TABLE IF NOT EXISTS members (
-    code       TEXT NOT NULL REFERENCES sessions (code) ON DELETE CASCADE,
-    client_id  TEXT NOT NULL,
-    token_hash BLOB NOT NULL,
-    position   INTEGER NOT NULL,     -- join order, for `clients`
-    conn_id    TEXT,                 -- the connection holding it; NULL: offline
-    PRIMARY KEY (code, client_id)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS messages (
-    code   TEXT NOT NULL REFERENCES sessions (code) ON DELETE CASCADE,
-    seq    INTEGER NOT NULL,
-    sender TEXT NOT NULL,
-    data   BLOB NOT NULL,
-    ts     INTEGER NOT NULL,
-    PRIMARY KEY (code, seq)
-) WITHOUT ROWID;
-"""
+# --- group commit --------------------------------------------------------------------
 
 
 class Op:
@@ -215,6 +273,13 @@ class Op:
         self.error: BaseException | None = None
         self.events: list[Event] = []
         self.done = trio.Event()
+
+
+def _fail(batch: list[Op], error: ServerError) -> None:
+    """Every op of a batch that did not finish fails with `error`, and tells nothing."""
+    for op in batch:
+        op.events = []
+        op.error = error
 
 
 class GroupCommit:
@@ -245,6 +310,13 @@ class GroupCommit:
                         break
                 try:
                     await trio.to_thread.run_sync(self._execute, batch, abandon_on_cancel=self._abandon)
+                except trio.Cancelled:
+                    # Shutting down mid-batch: whether it was stored is not known.
+                    _fail(batch, ServerError("the server is shutting down", ErrorCode.UNAVAILABLE, retry_after=1.0))
+                    raise
+                except Exception:  # a bug in execute(): this batch fails, the writer goes on
+                    log.exception("store.batch_failed")
+                    _fail(batch, ServerError("session store error", ErrorCode.INTERNAL))
                 finally:
                     self.batches += 1
                     self.ops += len(batch)
@@ -268,322 +340,3 @@ class GroupCommit:
                 raise op.error
             raise ServerError("session store error", ErrorCode.INTERNAL) from op.error
         return op.result
-
-
-class SqliteStore(SessionStore):
-    """The embedded store: one SQLite file (WAL), one writer, group commit."""
-
-    def __init__(
-        self,
-        db: sqlite3.Connection,
-        dispatch: Dispatch,
-        *,
-        history_size: int,
-        idle_ms: int,
-        ttl_ms: int,
-    ) -> None:
-        self._db = db
-        self._history = history_size
-        self._idle_ms = idle_ms
-        self._ttl_ms = ttl_ms
-        # Not abandoned on cancel: a commit in flight finishes, so that an op
-        # reported done is durable and an acked message is stored.
-        self.writer = GroupCommit(self._execute, dispatch, abandon_on_cancel=False)
-        self.limiter: MemoryLimiter = MemoryLimiter()
-
-    @classmethod
-    @asynccontextmanager
-    async def open(
-        cls,
-        data_dir: Path,
-        dispatch: Dispatch,
-        *,
-        history_size: int,
-        idle_ms: int,
-        ttl_ms: int,
-        synchronous: str = "FULL",
-    ) -> AsyncIterator[SqliteStore]:
-        """Open (creating) DATA_DIR/tandem.sqlite3 and run the writer until exit.
-
-        Holds an exclusive lock on DATA_DIR so that a second process fails at
-        start-up instead of corrupting the members' online state.
-        """
-        with _exclusive_lock(data_dir / "tandem.lock"):
-            db = await trio.to_thread.run_sync(_connect, data_dir / "tandem.sqlite3", synchronous)
-            try:
-                store = cls(db, dispatch, history_size=history_size, idle_ms=idle_ms, ttl_ms=ttl_ms)
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(store.writer.run)
-                    try:
-                        yield store
-                    finally:
-                        store.writer.close()  # the writer finishes what is queued, then returns
-            finally:
-                await trio.to_thread.run_sync(db.close)
-
-    def _execute(self, batch: list[Op]) -> None:
-        """In the worker thread: run every op of the batch in one transaction."""
-        db = self._db
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            for op in batch:
-                db.execute("SAVEPOINT op")
-                try:
-                    op.result = op.payload(db, op.events)
-                except Exception as exc:  # the op fails alone; the batch goes on
-                    db.execute("ROLLBACK TO op")
-                    op.events.clear()
-                    op.error = exc
-                db.execute("RELEASE op")
-            db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            if db.in_transaction:
-                db.rollback()
-            for op in batch:
-                op.events.clear()
-                op.error = ServerError(f"session store failed: {exc}", ErrorCode.UNAVAILABLE, retry_after=1.0)
-
-    async def _call(self, run: Callable[[sqlite3.Connection, list[Event]], T]) -> T:
-        result: T = await self.writer.call(run)
-        return result
-
-    # -- operations (each runs in the writer thread, inside the batch) --
-
-    def _alive(self, db: sqlite3.Connection, code: str, now: int) -> tuple[int, int, int]:
-        row = db.execute(
-            "SELECT last_seq, trimmed_seq, min(idle_at, ttl_at) FROM sessions"
-            " WHERE code = ? AND idle_at > ? AND ttl_at > ?",
-            (code, now, now),
-        ).fetchone()
-        if row is None:
-            raise not_found()
-        return row  # type: ignore[no-any-return]
-
-    def _touch(self, db: sqlite3.Connection, code: str, now: int) -> None:
-        db.execute("UPDATE sessions SET idle_at = ? WHERE code = ?", (now + self._idle_ms, code))
-
-    @staticmethod
-    def _members(db: sqlite3.Connection, code: str) -> tuple[Member, ...]:
-        rows = db.execute(
-            "SELECT client_id, conn_id IS NOT NULL FROM members WHERE code = ? ORDER BY position",
-            (code,),
-        ).fetchall()
-        return tuple(Member(client_id, bool(online)) for client_id, online in rows)
-
-    @staticmethod
-    def _messages(db: sqlite3.Connection, code: str, after: int, skip_sender: str = "") -> tuple[StoredMessage, ...]:
-        rows = db.execute(
-            "SELECT seq, sender, data, ts FROM messages WHERE code = ? AND seq > ? AND sender != ? ORDER BY seq",
-            (code, after, skip_sender),
-        ).fetchall()
-        return tuple(StoredMessage(seq, sender, bytes(data), ts) for seq, sender, data, ts in rows)
-
-    async def create(
-        self, new_code: Callable[[], str], client_id: str, token_hash: bytes, conn_id: str, now: int
-    ) -> Created:
-        ttl_at = now + self._ttl_ms
-        idle_at = now + self._idle_ms
-
-        def run(db: sqlite3.Connection, events: list[Event]) -> Created:
-            for _ in range(CODE_ATTEMPTS):
-                code = new_code()
-                cursor = db.execute(
-                    "INSERT INTO sessions (code, created_at, ttl_at, idle_at) VALUES (?, ?, ?, ?)"
-                    " ON CONFLICT (code) DO NOTHING",
-                    (code, now, ttl_at, idle_at),
-                )
-                if cursor.rowcount == 1:
-                    db.execute(
-                        "INSERT INTO members (code, client_id, token_hash, position, conn_id) VALUES (?, ?, ?, 0, ?)",
-                        (code, client_id, token_hash, conn_id),
-                    )
-                    return Created(code, min(ttl_at, idle_at))
-            raise ServerError("could not draw a free session code", ErrorCode.INTERNAL)
-
-        return await self._call(run)
-
-    async def join(self, code: str, client_id: str, token_hash: bytes, conn_id: str, now: int) -> Joined:
-        def run(db: sqlite3.Connection, events: list[Event]) -> Joined:
-            last_seq, _, _ = self._alive(db, code, now)
-            members = self._members(db, code)
-            if len(members) >= MAX_MEMBERS:
-                raise ClientError("the session already has two members", ErrorCode.SESSION_FULL)
-            position = db.execute(
-                "SELECT coalesce(max(position), -1) + 1 FROM members WHERE code = ?", (code,)
-            ).fetchone()[0]
-            db.execute(
-                "INSERT INTO members (code, client_id, token_hash, position, conn_id) VALUES (?, ?, ?, ?, ?)",
-                (code, client_id, token_hash, position, conn_id),
-            )
-            self._touch(db, code, now)
-            clients = (*members, Member(client_id, True))
-            if len(clients) == MAX_MEMBERS:
-                events.append(Broadcast(code, protocol.serialize(protocol.SessionPaired(code, clients))))
-            return Joined(clients, last_seq, self._messages(db, code, 0))
-
-        return await self._call(run)
-
-    async def resume(
-        self, code: str, client_id: str, token_hash: bytes, conn_id: str, last_seq: int, now: int
-    ) -> Resumed:
-        def run(db: sqlite3.Connection, events: list[Event]) -> Resumed:
-            try:
-                newest, trimmed, _ = self._alive(db, code, now)
-            except ClientError:
-                raise no_such_member() from None
-            row = db.execute(
-                "SELECT token_hash, conn_id FROM members WHERE code = ? AND client_id = ?",
-                (code, client_id),
-            ).fetchone()
-            if row is None or not hmac.compare_digest(bytes(row[0]), token_hash):
-                raise no_such_member()
-            previous = row[1]
-            db.execute(
-                "UPDATE members SET conn_id = ? WHERE code = ? AND client_id = ?",
-                (conn_id, code, client_id),
-            )
-            self._touch(db, code, now)
-            if previous is not None and previous != conn_id:
-                events.append(Takeover(code, client_id, previous))
-            events.append(Broadcast(code, protocol.serialize(protocol.Presence(client_id, True)), client_id))
-            return Resumed(
-                self._members(db, code),
-                newest,
-                recovered=trimmed <= last_seq,
-                replay=self._messages(db, code, last_seq, client_id),
-            )
-
-        return await self._call(run)
-
-    async def append(
-        self, code: str, client_id: str, conn_id: str, data: bytes, now: int, limits: Sequence[LimitKey] = ()
-    ) -> int:
-        refused = self.limiter.hit_all(limits)  # in memory: this process is the only one
-        if refused is not None:
-            raise rate_limited(refused.rule, refused.decision.retry_after)
-
-        def run(db: sqlite3.Connection, events: list[Event]) -> int:
-            row = db.execute(
-                "UPDATE sessions SET last_seq = last_seq + 1, idle_at = ?"
-                " WHERE code = ? AND idle_at > ? AND ttl_at > ? AND EXISTS"
-                " (SELECT 1 FROM members WHERE code = ? AND client_id = ? AND conn_id = ?)"
-                " RETURNING last_seq, trimmed_seq",
-                (now + self._idle_ms, code, now, now, code, client_id, conn_id),
-            ).fetchone()
-            if row is None:
-                raise not_found()
-            seq, trimmed = row
-            db.execute(
-                "INSERT INTO messages (code, seq, sender, data, ts) VALUES (?, ?, ?, ?, ?)",
-                (code, seq, client_id, data, now),
-            )
-            drop_to = seq - self._history
-            if drop_to > trimmed:
-                db.execute("DELETE FROM messages WHERE code = ? AND seq <= ?", (code, drop_to))
-                db.execute("UPDATE sessions SET trimmed_seq = ? WHERE code = ?", (drop_to, code))
-            message = protocol.serialize(protocol.Message(code, seq, client_id, data, now))
-            events.append(Broadcast(code, message, client_id, seq))
-            return seq  # type: ignore[no-any-return]
-
-        return await self._call(run)
-
-    async def leave(self, code: str, client_id: str, conn_id: str, now: int) -> bool:
-        def run(db: sqlite3.Connection, events: list[Event]) -> bool:
-            cursor = db.execute(
-                "DELETE FROM members WHERE code = ? AND client_id = ? AND conn_id = ?",
-                (code, client_id, conn_id),
-            )
-            if cursor.rowcount == 0:
-                raise ClientError("not a member of that session", ErrorCode.NOT_IN_SESSION)
-            left = db.execute("SELECT count(*) FROM members WHERE code = ?", (code,)).fetchone()[0]
-            if left == 0:
-                db.execute("DELETE FROM sessions WHERE code = ?", (code,))
-                events.append(Ended(code, None))
-                return True
-            events.append(Broadcast(code, protocol.serialize(protocol.PeerLeft(client_id)), client_id))
-            return False
-
-        return await self._call(run)
-
-    async def disconnect(self, code: str, client_id: str, conn_id: str, now: int) -> None:
-        def run(db: sqlite3.Connection, events: list[Event]) -> None:
-            cursor = db.execute(
-                "UPDATE members SET conn_id = NULL WHERE code = ? AND client_id = ? AND conn_id = ?",
-                (code, client_id, conn_id),
-            )
-            if cursor.rowcount:
-                events.append(Broadcast(code, protocol.serialize(protocol.Presence(client_id, False)), client_id))
-
-        await self._call(run)
-
-    async def sweep(self, now: int) -> list[tuple[str, str]]:
-        def run(db: sqlite3.Connection, events: list[Event]) -> list[tuple[str, str]]:
-            rows = db.execute(
-                "SELECT code, idle_at, ttl_at FROM sessions WHERE min(idle_at, ttl_at) <= ? LIMIT ?",
-                (now, SWEEP_LIMIT),
-            ).fetchall()
-            expired = []
-            for code, idle_at, ttl_at in rows:
-                db.execute("DELETE FROM sessions WHERE code = ?", (code,))
-                reason = "ttl" if ttl_at <= idle_at else "idle"
-                events.append(Ended(code, protocol.serialize(protocol.SessionExpired(code, reason))))
-                expired.append((code, reason))
-            return expired
-
-        return await self._call(run)
-
-    async def check(self) -> None:
-        def run(db: sqlite3.Connection, events: list[Event]) -> None:
-            db.execute("SELECT 1").fetchone()
-
-        await self._call(run)
-
-    async def count_sessions(self, now: int) -> dict[str, int]:
-        """Live sessions by state, for metrics: "waiting" (one member) and "paired"."""
-
-        def run(db: sqlite3.Connection, events: list[Event]) -> dict[str, int]:
-            waiting, paired = db.execute(
-                "SELECT coalesce(sum(n < ?), 0), coalesce(sum(n >= ?), 0) FROM (SELECT count(*) AS n"
-                " FROM members JOIN sessions USING (code) WHERE min(idle_at, ttl_at) > ? GROUP BY code)",
-                (MAX_MEMBERS, MAX_MEMBERS, now),
-            ).fetchone()
-            return {"waiting": waiting, "paired": paired}
-
-        return await self._call(run)
-
-    # One process holds every connection of the file: its events are all local.
-    async def watch(self, code: str) -> None:
-        return None
-
-    def unwatch(self, code: str) -> None:
-        return None
-
-
-def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
-    """Open the database (creating it and its schema) for the writer thread."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # isolation_level=None: transactions are the writer's explicit BEGIN/COMMIT.
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    db.execute("PRAGMA journal_mode = WAL")
-    db.execute(f"PRAGMA synchronous = {synchronous}")  # from a validated choice
-    db.execute("PRAGMA foreign_keys = ON")
-    db.execute("PRAGMA busy_timeout = 5000")
-    db.executescript(SCHEMA)
-    # This process owns the file (see _exclusive_lock): no connection of an
-    # earlier process survives it, so every member starts offline.
-    db.execute("UPDATE members SET conn_id = NULL WHERE conn_id IS NOT NULL")
-    return db
-
-
-@contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RuntimeError(f"DATA_DIR {path.parent} is in use by another Tandem process") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -106,6 +106,7 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    hypercorn_fixes.install()
+    # The same fixes and defaults as Tandem, so that the two differ only in the relay.
+    hypercorn_fixes.install(max_message_bytes=65536, ws_compression=False, http2_cleartext=False)
     gc.set_threshold(50_000, 20, 20)  # as server.main
     trio.run(main)

@@ -40,7 +40,7 @@ from redis.retry import Retry
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from limiter import MemoryLimiter, RedisLimiter, Rule, redis_key
-from redis_store import CONNECT_TIMEOUT_S, SOCKET_TIMEOUT_S
+from redis_client import CONNECT_TIMEOUT_S, SOCKET_TIMEOUT_S
 
 TIME_BUDGET_S = 25.0  # the whole run, Redis part and memory part
 MEMORY_DECISIONS = 200_000

@@ -95,7 +95,7 @@ def load(conn: psycopg.Connection[Any], *, users: int, sessions: int, messages: 
 
 
 def sample_params(conn: psycopg.Connection[Any]) -> dict[str, dict[str, Any]]:
-    """Parameters for each of database.QUERIES, drawn from the loaded data."""
+    """Parameters for each of archive_queries.QUERIES, drawn from the loaded data."""
     row = conn.execute("SELECT max(id) FROM sessions").fetchone()
     middle = (row[0] if row and row[0] else 1) // 2
     found = conn.execute("SELECT code, created_at FROM sessions WHERE id = %s", (middle,)).fetchone()

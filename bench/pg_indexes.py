@@ -1,10 +1,10 @@
 """Proof that the index migrations pay: every archive and admin query, before and after.
 
 Creates a scratch database, applies sql/001 only (tables and keys), loads a realistic dataset
-(bench/pg_dataset.py), runs each of database.QUERIES with EXPLAIN (ANALYZE, BUFFERS) (median of
---repeat runs after one warm-up), applies the rest of sql/ with the migrator (CREATE INDEX
-CONCURRENTLY on the loaded tables), runs them again and prints one table of both, measured in
-the same run. JIT is off in this session, so that compile time does not inflate "before".
+(bench/pg_dataset.py), runs each of archive_queries.QUERIES with EXPLAIN (ANALYZE, BUFFERS)
+(median of --repeat runs after one warm-up), applies the rest of sql/ with the migrator (CREATE
+INDEX CONCURRENTLY on the loaded tables), runs them again and prints one table of both, measured
+in the same run. JIT is off in this session, so that compile time does not inflate "before".
 
     .venv/bin/python bench/pg_indexes.py [--url postgresql://postgres@127.0.0.1:5432/postgres]
 """
@@ -27,12 +27,13 @@ from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import database
+import archive_queries
+import migrations
 from bench import pg_dataset
 
 
 def measure(
-    conn: psycopg.Connection[Any], query: database.Query, params: dict[str, Any], repeat: int
+    conn: psycopg.Connection[Any], query: archive_queries.Query, params: dict[str, Any], repeat: int
 ) -> tuple[str, float, int]:
     """(access paths, median execution ms, shared buffers touched) of one query."""
     pg_dataset.explain(conn, query.sql, params, analyze=True)  # warm-up: caches, as in steady state
@@ -86,7 +87,7 @@ def main() -> int:
     info["dbname"] = name
     url = psycopg.conninfo.make_conninfo(**{k: str(v) for k, v in info.items() if v is not None})
     try:
-        database.migrate(url, target=1)
+        migrations.migrate(url, target=1)
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("SET jit = off")
             started = time.monotonic()
@@ -97,11 +98,11 @@ def main() -> int:
                 flush=True,
             )
             params = pg_dataset.sample_params(conn)
-            before = {q.name: measure(conn, q, params[q.name], args.repeat) for q in database.QUERIES.values()}
-            report = database.migrate(url)
+            before = {q.name: measure(conn, q, params[q.name], args.repeat) for q in archive_queries.QUERIES.values()}
+            report = migrations.migrate(url)
             for table in ("sessions", "messages", "analytics_events"):
                 conn.execute(f"VACUUM ANALYZE {table}".encode())
-            after = {q.name: measure(conn, q, params[q.name], args.repeat) for q in database.QUERIES.values()}
+            after = {q.name: measure(conn, q, params[q.name], args.repeat) for q in archive_queries.QUERIES.values()}
             sizes: dict[str, str] = dict(
                 conn.execute(
                     "SELECT c.relname, pg_size_pretty(pg_relation_size(c.oid)) FROM pg_class c"
@@ -123,13 +124,13 @@ def main() -> int:
     print(f"median of {args.repeat} runs of EXPLAIN (ANALYZE, BUFFERS) each, after one warm-up; jit off\n")
     print("| query | plan before | plan after | before ms | after ms | ratio | buffers before → after |")
     print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
-    for q in database.QUERIES.values():
+    for q in archive_queries.QUERIES.values():
         (plan_b, ms_b, buf_b), (plan_a, ms_a, buf_a) = before[q.name], after[q.name]
         ratio = ms_b / ms_a if ms_a > 0 else float("inf")
         print(f"| {q.name} | {plan_b} | {plan_a} | {ms_b:.3f} | {ms_a:.3f} | {ratio:,.1f}x | {buf_b:,} → {buf_a:,} |")
     print("\n| index | size | build (CREATE INDEX CONCURRENTLY on the loaded table) |")
     print("| --- | ---: | ---: |")
-    for migration in database.discover():
+    for migration in migrations.discover():
         if migration.index is not None:
             built = report.seconds.get(migration.name)
             shown = f"{built:.2f}s" if built is not None else "-"

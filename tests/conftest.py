@@ -195,7 +195,7 @@ def stored(server: Server, code: str) -> dict[str, int]:
     """What the server's store holds of session `code`: sessions, members, messages."""
     if "REDIS_URL" not in server.env:
         return _sqlite_rows(server, [code])
-    from redis_store import session_keys
+    from redis_scripts import session_keys
 
     session, history, _channel = session_keys(code)
     client = redis_client(server)

@@ -25,12 +25,15 @@ import trio
 from conftest import ROOT, Server, ServerFactory, connect, free_port, paired
 from pg_servers import PrivateCluster, scratch_database
 
+import archive as archive_module
+import archive_queries
 import config as config_module
-import database
+import migrations
+import pg
 from bench import pg_dataset
 
 ARCHIVE_WAIT = 15.0  # seconds for rows to reach PostgreSQL
-APPLIED_ALL = [m.name for m in database.discover()]
+APPLIED_ALL = [m.name for m in migrations.discover()]
 
 
 @pytest.fixture
@@ -77,13 +80,13 @@ def run_cli(*args: str, cwd: Path, **settings: str) -> subprocess.CompletedProce
 
 
 def test_migrations_apply_to_an_empty_database_and_a_second_run_is_a_no_op(pg_url: str) -> None:
-    first = database.migrate(pg_url)
+    first = migrations.migrate(pg_url)
     assert first.applied == APPLIED_ALL
     versions = query(pg_url, "SELECT version, name, checksum, applied_at FROM schema_migrations ORDER BY version")
     assert [name for _, name, _, _ in versions] == APPLIED_ALL
-    assert [checksum for _, _, checksum, _ in versions] == [m.checksum for m in database.discover()]
+    assert [checksum for _, _, checksum, _ in versions] == [m.checksum for m in migrations.discover()]
     indexes = {name for (name,) in query(pg_url, "SELECT indexrelid::regclass::text FROM pg_index WHERE indisvalid")}
-    assert {q.index for q in database.QUERIES.values()} <= indexes
+    assert {q.index for q in archive_queries.QUERIES.values()} <= indexes
     # Foreign keys have indexes: each FK's columns lead some valid index of its table.
     unindexed = query(
         pg_url,
@@ -93,7 +96,7 @@ def test_migrations_apply_to_an_empty_database_and_a_second_run_is_a_no_op(pg_ur
     )
     assert unindexed == []
 
-    second = database.migrate(pg_url)
+    second = migrations.migrate(pg_url)
     assert second.applied == []
     assert (
         query(pg_url, "SELECT version, name, checksum, applied_at FROM schema_migrations ORDER BY version") == versions
@@ -102,12 +105,12 @@ def test_migrations_apply_to_an_empty_database_and_a_second_run_is_a_no_op(pg_ur
 
 def test_a_modified_applied_file_is_refused(pg_url: str, tmp_path: Path) -> None:
     sql_dir = tmp_path / "sql"
-    shutil.copytree(database.SQL_DIR, sql_dir)
-    database.migrate(pg_url, directory=sql_dir, target=3)
+    shutil.copytree(migrations.SQL_DIR, sql_dir)
+    migrations.migrate(pg_url, directory=sql_dir, target=3)
     changed = sql_dir / "003_sessions_open.sql"
     changed.write_text(changed.read_text() + "-- an innocent-looking edit\n")
-    with pytest.raises(database.MigrationError, match=r"003_sessions_open\.sql was changed after it was applied"):
-        database.migrate(pg_url, directory=sql_dir)
+    with pytest.raises(migrations.MigrationError, match=r"003_sessions_open\.sql was changed after it was applied"):
+        migrations.migrate(pg_url, directory=sql_dir)
     # Refused before anything else ran: 004 and later are still pending.
     assert query(pg_url, "SELECT max(version) FROM schema_migrations") == [(3,)]
 
@@ -118,11 +121,11 @@ def test_migration_files_follow_the_rules(tmp_path: Path) -> None:
         directory.mkdir()
         for name, text in files.items():
             (directory / name).write_text(text)
-        with pytest.raises(database.MigrationError, match=match):
-            database.discover(directory)
+        with pytest.raises(migrations.MigrationError, match=match):
+            migrations.discover(directory)
 
     refused({"001_a.sql": "CREATE INDEX CONCURRENTLY i ON t (x);\n"}, "cannot run in a transaction")
-    mark = database.NO_TRANSACTION_MARK
+    mark = migrations.NO_TRANSACTION_MARK
     refused({"001_a.sql": f"{mark}\nCREATE INDEX CONCURRENTLY IF NOT EXISTS i ON t (x);\nSELECT 1;\n"}, "exactly one")
     refused({"001_a.sql": f"{mark}\nCREATE INDEX CONCURRENTLY i ON t (x);\n"}, "IF NOT EXISTS")
     refused({"001_a.sql": "SELECT 1;", "001_b.sql": "SELECT 2;"}, "version 001")
@@ -134,13 +137,13 @@ def test_an_invalid_index_is_rebuilt_or_refused_loudly(pg_url: str, tmp_path: Pa
     sql_dir.mkdir()
     (sql_dir / "001_t.sql").write_text("CREATE TABLE t (x int NOT NULL);\nINSERT INTO t VALUES (1), (1), (2);\n")
     (sql_dir / "002_t_x.sql").write_text(
-        f"{database.NO_TRANSACTION_MARK}\n-- query: SELECT ... FROM t WHERE x = $1\n"
+        f"{migrations.NO_TRANSACTION_MARK}\n-- query: SELECT ... FROM t WHERE x = $1\n"
         "CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS t_x ON t (x);\n"
     )
     # Duplicates: the build fails, leaves an INVALID index, the rebuild fails too: a loud error,
     # the invalid index dropped, 002 not recorded.
-    with pytest.raises(database.MigrationError, match=r"002_t_x\.sql: index t_x is invalid"):
-        database.migrate(pg_url, directory=sql_dir)
+    with pytest.raises(migrations.MigrationError, match=r"002_t_x\.sql: index t_x is invalid"):
+        migrations.migrate(pg_url, directory=sql_dir)
     assert query(pg_url, "SELECT count(*) FROM pg_class WHERE relname = 't_x'") == [(0,)]
     assert query(pg_url, "SELECT max(version) FROM schema_migrations") == [(1,)]
 
@@ -151,7 +154,7 @@ def test_an_invalid_index_is_rebuilt_or_refused_loudly(pg_url: str, tmp_path: Pa
             conn.execute("CREATE UNIQUE INDEX CONCURRENTLY t_x ON t (x)")
         conn.execute("DELETE FROM t WHERE ctid = (SELECT max(ctid) FROM t WHERE x = 1)")
     assert query(pg_url, "SELECT indisvalid FROM pg_index WHERE indexrelid = 't_x'::regclass") == [(False,)]
-    report = database.migrate(pg_url, directory=sql_dir)
+    report = migrations.migrate(pg_url, directory=sql_dir)
     assert report.applied == ["002_t_x.sql"] and report.rebuilt == ["t_x"]
     assert query(pg_url, "SELECT indisvalid FROM pg_index WHERE indexrelid = 't_x'::regclass") == [(True,)]
 
@@ -161,7 +164,7 @@ def test_two_migrators_at_once_one_applies_the_other_waits_and_finds_nothing(pg_
     # has the advisory lock), so that the second one surely arrives while it works.
     # (pg_stat_activity is read on another connection: within a transaction it is a snapshot.)
     with psycopg.connect(pg_url, autocommit=True) as holder, psycopg.connect(pg_url, autocommit=True) as watcher:
-        holder.execute(database.MIGRATIONS_TABLE)
+        holder.execute(migrations.MIGRATIONS_TABLE)
         holder.execute("BEGIN")
         holder.execute("LOCK TABLE schema_migrations IN ACCESS EXCLUSIVE MODE")
         env = {k: v for k, v in os.environ.items() if not k.startswith(("TANDEM_", "DATABASE_URL", "REDIS_URL"))}
@@ -247,12 +250,12 @@ def test_archive_settings_are_checked() -> None:
 
 
 def test_each_query_plan_uses_its_index_at_realistic_row_counts(pg_url: str) -> None:
-    database.migrate(pg_url)
+    migrations.migrate(pg_url)
     with psycopg.connect(pg_url, autocommit=True) as conn:
         pg_dataset.load(conn, users=2_000, sessions=20_000, messages=200_000, events=200_000)
         params = pg_dataset.sample_params(conn)
         wrong = {}
-        for q in database.QUERIES.values():
+        for q in archive_queries.QUERIES.values():
             plan = pg_dataset.explain(conn, q.sql, params[q.name])["Plan"]
             if q.index not in pg_dataset.indexes_used(plan):
                 wrong[q.name] = pg_dataset.scans(plan)
@@ -263,14 +266,14 @@ def test_each_query_plan_uses_its_index_at_realistic_row_counts(pg_url: str) -> 
         code, at = params["archive.resolve_session"]["code"], 1_740_000_000_000
         one = {"code": [code], "ms": [at]}
         writes = {
-            "ENSURE_SESSIONS": (database.ENSURE_SESSIONS, one),
-            "UPDATE_PAIRED": (database.UPDATE_PAIRED, one),
+            "ENSURE_SESSIONS": (archive_module.ENSURE_SESSIONS, one),
+            "UPDATE_PAIRED": (archive_module.UPDATE_PAIRED, one),
             "INSERT_MESSAGES": (
-                database.INSERT_MESSAGES,
+                archive_module.INSERT_MESSAGES,
                 {**one, "seq": [1_000], "sender": ["x"], "body": ["{}"], "size": [2]},
             ),
-            "INSERT_EVENTS": (database.INSERT_EVENTS, {**one, "type": ["t"], "props": ["{}"]}),
-            "UPDATE_ENDED": (database.UPDATE_ENDED, {**one, "reason": ["left"]}),
+            "INSERT_EVENTS": (archive_module.INSERT_EVENTS, {**one, "type": ["t"], "props": ["{}"]}),
+            "UPDATE_ENDED": (archive_module.UPDATE_ENDED, {**one, "reason": ["left"]}),
         }
         for name, (statement, values) in writes.items():
             plan = pg_dataset.explain(conn, statement, values)["Plan"]
@@ -334,7 +337,7 @@ async def test_the_archive_matches_a_scripted_session_row_for_row(pg_url: str, t
 
 
 async def test_metadata_only_and_expiry_is_archived(pg_url: str, tandem_factory: ServerFactory) -> None:
-    database.migrate(pg_url)
+    migrations.migrate(pg_url)
     server = tandem_factory(
         DATABASE_URL=pg_url, ARCHIVE_MESSAGES="0", ARCHIVE_FLUSH_MS="50", SESSION_IDLE_TIMEOUT="1", SWEEP_INTERVAL="0.1"
     )
@@ -356,7 +359,7 @@ async def test_metadata_only_and_expiry_is_archived(pg_url: str, tandem_factory:
 
 
 async def test_sigterm_flushes_the_queue_before_exit(pg_url: str, tandem_factory: ServerFactory) -> None:
-    database.migrate(pg_url)
+    migrations.migrate(pg_url)
     # Nothing would be written for a minute, nor before 10,000 rows: only the shutdown flushes.
     server = tandem_factory(DATABASE_URL=pg_url, ARCHIVE_FLUSH_MS="60000", ARCHIVE_BATCH_ROWS="10000")
     async with paired(server) as (a, b, _, _):
@@ -415,7 +418,7 @@ async def test_postgresql_down_mid_run_the_relay_keeps_working_and_rows_arrive_a
                 async with paired(server) as (c, d, during, _):
                     await c.message("during the outage")
                     await d.expect("message")
-            await trio.sleep(database.POOL_WAIT_S + 1)  # long enough for the writer to give up once
+            await trio.sleep(archive_module.POOL_WAIT_S + 1)  # long enough for the writer to give up once
             await trio.to_thread.run_sync(cluster.start)
 
             rows = await eventually(
@@ -437,29 +440,29 @@ async def test_check_reports_an_unreachable_or_unmigrated_database(pg_url: str) 
     def settings(url: str) -> config_module.Config:
         return config_module.Config(database_url=url, shutdown_grace=1.0)
 
-    async with database.open_archive(settings(pg_url)) as archive:
-        with pytest.raises(database.ArchiveUnavailable, match=r"run `python server.py migrate`"):
+    async with archive_module.open_archive(settings(pg_url)) as archive:
+        with pytest.raises(archive_module.ArchiveUnavailable, match=r"run `python server.py migrate`"):
             await archive.check()
-        await trio.to_thread.run_sync(database.migrate, pg_url)
+        await trio.to_thread.run_sync(migrations.migrate, pg_url)
         await archive.check()
 
     dead = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
-    async with database.open_archive(settings(dead)) as archive:
+    async with archive_module.open_archive(settings(dead)) as archive:
         started = trio.current_time()
-        with pytest.raises(database.ArchiveUnavailable, match="database"):
+        with pytest.raises(archive_module.ArchiveUnavailable, match="database"):
             await archive.check()
-        assert trio.current_time() - started <= database.CHECK_TIMEOUT_S + 0.5
+        assert trio.current_time() - started <= archive_module.CHECK_TIMEOUT_S + 0.5
 
-    async with database.open_archive(config_module.Config()) as archive:
-        assert archive is database.NO_ARCHIVE
+    async with archive_module.open_archive(config_module.Config()) as archive:
+        assert archive is archive_module.NO_ARCHIVE
         await archive.check()
 
 
 def test_the_query_catalogue_names_real_indexes() -> None:
     # Each index the catalogue names is created by a migration file that names the query.
-    texts = {m.index or "": m.text for m in database.discover()}
-    schema = database.discover()[0].text
-    for q in database.QUERIES.values():
+    texts = {m.index or "": m.text for m in migrations.discover()}
+    schema = migrations.discover()[0].text
+    for q in archive_queries.QUERIES.values():
         text = texts.get(q.index, schema)
         assert q.index in text or q.index.endswith("_pkey"), q
         if not q.index.endswith("_pkey"):
@@ -467,10 +470,10 @@ def test_the_query_catalogue_names_real_indexes() -> None:
 
 
 async def test_rows_the_database_refuses_are_isolated_and_the_rest_stored(pg_url: str) -> None:
-    await trio.to_thread.run_sync(database.migrate, pg_url)
+    await trio.to_thread.run_sync(migrations.migrate, pg_url)
     settings = config_module.Config(database_url=pg_url, archive_flush_ms=10, shutdown_grace=5.0)
-    async with database.open_archive(settings) as archive:
-        assert isinstance(archive, database.Archive)
+    async with archive_module.open_archive(settings) as archive:
+        assert isinstance(archive, archive_module.Archive)
         archive.session_created("ISOLATE1", 1_740_000_000_000)
         archive.message("ISOLATE1", 1, "a", b'{"ok": 1}', 1_740_000_000_001)
         archive.message("ISOLATE1", 2, "a", b'"nul \\u0000 inside"', 1_740_000_000_002)  # jsonb refuses \u0000
@@ -496,12 +499,12 @@ async def test_rows_the_database_refuses_are_isolated_and_the_rest_stored(pg_url
 
 
 async def test_an_abandoned_call_cancels_its_query(pg_url: str) -> None:
-    def sleep(token: database.Canceller) -> None:
+    def sleep(token: pg.Canceller) -> None:
         conn = psycopg.connect(pg_url, autocommit=True, application_name="tandem-test-sleep")
         with conn, token.using(conn):
             conn.execute("SELECT pg_sleep(30)")
 
     with trio.move_on_after(0.5):
-        await database.in_thread(sleep)
+        await pg.in_thread(sleep)
     active = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'tandem-test-sleep' AND state = 'active'"
     await eventually(pg_url, active, lambda rows: rows == [(0,)])

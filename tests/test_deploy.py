@@ -2,12 +2,11 @@
 
 The Dockerfile's final stage is replayed into a directory and its CMD and
 HEALTHCHECK run there with its ENV; `docker-compose config` validates the
-compose file; .env.example must list every setting config.py reads.
+compose file. (.env.example and README's settings table: tests/test_config.py.)
 """
 
 from __future__ import annotations
 
-import ast
 import glob
 import json
 import os
@@ -23,8 +22,6 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, free_port
-
-import config as config_module
 
 
 @dataclass
@@ -195,33 +192,3 @@ def test_compose_file_passes_docker_compose_config() -> None:
         depends = by_name[name].split("depends_on:", 1)[1]
         assert depends.count("condition: service_healthy") >= 2, name
     assert (ROOT / "deploy" / "haproxy.cfg").is_file()
-
-
-def setting_names() -> set[str]:
-    """Every setting `config.load` reads: the first argument of a call, in capitals."""
-    tree = ast.parse((ROOT / "config.py").read_text())
-    (load,) = (node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "load")
-    names = set()
-    for node in ast.walk(load):
-        if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
-            value = node.args[0].value
-            if isinstance(value, str) and re.fullmatch(r"[A-Z][A-Z0-9_]+", value):
-                names.add(value)
-    return names
-
-
-def test_env_example_lists_every_setting_with_its_default() -> None:
-    names = setting_names()
-    assert {"PORT", "LOG_FORMAT", "PRE_DRAIN_DELAY", "REDIS_URL"} <= names
-    listed = set(re.findall(r"^([A-Z][A-Z0-9_]+)=", (ROOT / ".env.example").read_text(), re.MULTILINE))
-    assert names - listed == set(), "settings missing from .env.example"
-    assert listed - names == set(), "settings in .env.example that config.py does not read"
-    assert config_module.load({}, dotenv=ROOT / ".env.example") == config_module.DEFAULTS
-
-
-def test_readme_documents_the_observability_settings() -> None:
-    readme = (ROOT / "README.md").read_text()
-    documented = set(re.findall(r"^\| `([A-Z][A-Z0-9_]+)` \|", readme, re.MULTILINE))
-    ours = {name for name in setting_names() if name.startswith("LOG_")}
-    ours |= {"LIVENESS_MAX_LAG", "READY_TIMEOUT", "PRE_DRAIN_DELAY", "SHUTDOWN_GRACE"}
-    assert ours - documented == set(), "settings missing from README's configuration table"

@@ -117,7 +117,7 @@ async def test_pings_between_failures_do_not_reset_the_errors_in_a_row(tandem_fa
         assert (await call(c, "message:send", data=1))["code"] == "not_in_session"
         with pytest.raises(ConnectionClosed) as closed, trio.fail_after(5):
             await c.ws.get_message()
-        assert closed.value.reason.code == 1008
+        assert closed.value.reason is not None and closed.value.reason.code == 1008
 
 
 # --- 2. the failure limits count first --------------------------------------------------
@@ -238,7 +238,7 @@ async def test_a_socket_in_no_session_is_closed_after_the_idle_timeout(tandem_fa
             while True:  # pinging keeps Hypercorn's read timeout away, not this one
                 await call(idle, "ping")
                 await trio.sleep(0.1)
-        assert closed.value.reason.code == 1000
+        assert closed.value.reason is not None and closed.value.reason.code == 1000
         assert 0.5 <= trio.current_time() - started < 3
         # Members are kept, however quiet; after leaving, the clock starts again.
         assert await b.message("still here") == 1
@@ -294,7 +294,7 @@ async def test_refund_takes_back_one_hit_in_memory_and_in_redis() -> None:
     check_redis(SHARED_REDIS_URL)
     client = redis.Redis.from_url(SHARED_REDIS_URL, socket_timeout=2.0)
     now = itertools.count(1)
-    limiters = [MemoryLimiter(clock=lambda: float(next(now))), RedisLimiter(client)]
+    limiters: list[MemoryLimiter | RedisLimiter] = [MemoryLimiter(clock=lambda: float(next(now))), RedisLimiter(client)]
     try:
         for limiter in limiters:
             first = await limiter.hit(rule, "k")
@@ -315,7 +315,7 @@ async def test_instances_on_one_redis_share_one_generated_key(tandem_factory: Se
     try:
         first = tandem_factory(**{**LIMITS, "RATE_LIMIT_JOIN_FAILURES_IP": "2/60"})
         shared = client.get("tandem:hash-key")
-        assert shared, "the first instance stores a shared key"
+        assert isinstance(shared, bytes) and shared, "the first instance stores a shared key"
         second = tandem_factory(**{**LIMITS, "RATE_LIMIT_JOIN_FAILURES_IP": "2/60"})
         key = f"tandem:rl:{{join_failures_ip:{Pseudonyms(shared).address('127.0.0.1')}}}"
         client.delete(key)  # what earlier tests on this Redis counted for 127.0.0.1
@@ -329,3 +329,19 @@ async def test_instances_on_one_redis_share_one_generated_key(tandem_factory: Se
         assert not list(client.scan_iter(match=f"tandem:rl:*{unkeyed}*", count=1000))
     finally:
         client.close()
+
+
+@BOTH
+async def test_guessing_failures_count_per_ipv6_site(tandem_factory: ServerFactory, store: str) -> None:
+    """A /48 holds 65,536 /64s: rotating through them must not multiply the guessing budget."""
+    server = tandem_factory(
+        **{**LIMITS, "RATE_LIMIT_JOIN_FAILURES_IP": "2/60"}, TRUSTED_PROXIES="127.0.0.1", **fresh_limiter_state(store)
+    )
+    site = ["2001:db8:7:1::1", "2001:db8:7:2::1", "2001:db8:7:3::1"]
+    answers = []
+    for address in site:
+        async with connect(server, extra_headers=[(b"X-Forwarded-For", address.encode())]) as c:
+            answers.append((await call(c, "session:join", code=UNKNOWN_CODE))["code"])
+    assert answers == ["not_found", "not_found", "rate_limited"]
+    async with connect(server, extra_headers=[(b"X-Forwarded-For", b"2001:db8:8:1::1")]) as other_site:
+        assert (await call(other_site, "session:join", code=UNKNOWN_CODE))["code"] == "not_found"

@@ -1,4 +1,4 @@
-"""The code base stays ruff- and mypy-clean (strict mypy for protocol.py)."""
+"""The code base stays ruff-clean and strictly typed: `mypy --strict` on every module (pyproject.toml)."""
 
 from __future__ import annotations
 

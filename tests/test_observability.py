@@ -1,8 +1,9 @@
 """Logs, probes and metrics of a real server, and the logging pipeline in-process.
 
 Clients connect from a loopback address of their own, and all log output is
-scanned for it, tokens and bodies. Probes are driven for real: SQLite locked by
-another connection, SIGTERM, SIGSTOP. Rotation runs on a clock the test drives.
+scanned for it, tokens, session codes and bodies. Probes are driven for real:
+SQLite locked by another connection, SIGTERM, SIGSTOP. Rotation runs on a
+clock the test drives.
 """
 
 from __future__ import annotations
@@ -33,11 +34,14 @@ from trio_websocket import ConnectionClosed, wrap_client_stream
 
 import config as config_module
 import logging_setup
-from health import CLOSE_CODES, OTHER, RATE_LIMITS, SESSION_EVENTS, SESSION_STATES, STORE_OPS
+import redaction
+from metrics import CLOSE_CODES, OTHER, RATE_LIMITS, SESSION_EVENTS, SESSION_STATES, STORE_OPS
 from protocol import ErrorCode
 
 ISO_MS = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")
 IP_HASH = re.compile(r"ip-[0-9a-f]{16}")
+CODE_HASH = re.compile(r"code-[0-9a-f]{16}")
+HASH_KEY = "observability-key-0123456789"
 QUIET = {"RATE_LIMIT_ENABLED": "0"}
 
 
@@ -131,7 +135,7 @@ async def test_scripted_session_logs_events_never_tokens_addresses_or_bodies(
     tandem_factory: ServerFactory, tmp_path: Path
 ) -> None:
     log_file = tmp_path / "logs" / "tandem.log"
-    server = tandem_factory(LOG_LEVEL="DEBUG", LOG_FILE=str(log_file), **QUIET)
+    server = tandem_factory(LOG_LEVEL="DEBUG", LOG_FILE=str(log_file), HASH_KEY=HASH_KEY, **QUIET)
     ip = random_loopback()
     bodies = [f"body-{i}-{random.getrandbits(48):x}" for i in range(30)]
     email = "alice.smith@example.com"
@@ -159,7 +163,7 @@ async def test_scripted_session_logs_events_never_tokens_addresses_or_bodies(
 
     output = server.output()
     lines = log_lines(output)
-    for secret in (created["token"], joined["token"], ip, email, *bodies):
+    for secret in (created["token"], joined["token"], created["code"], ip, email, *bodies):
         assert secret not in output, f"{secret!r} is in the log"
     assert "\nfake line" not in output and '"fake line' not in output
 
@@ -171,9 +175,10 @@ async def test_scripted_session_logs_events_never_tokens_addresses_or_bodies(
     for line in closed:
         assert {"code", "duration_s", "messages_in", "messages_out"} <= line.keys(), line
     assert sorted(line["messages_in"] for line in closed) == [0, 0, len(bodies)]
+    hashed = redaction.Redactor("hash", HASH_KEY.encode()).code(created["code"])  # keyed with HASH_KEY
     for name in ("session.created", "session.paired", "session.ended"):
         (line,) = events(lines, name)
-        assert line["session"] == created["code"], line
+        assert line["session"] == hashed, line
 
     # Events, not traffic: at INFO and above no line per message.
     loud = [line for line in lines if line["level"] != "debug"]
@@ -206,8 +211,9 @@ async def test_rate_limit_refusals_are_counted_each_and_logged_once_with_context
     assert await trio.to_thread.run_sync(server.terminate) == 0
     (line,) = events(log_lines(server.output()), "rate_limit.refused")
     assert line["limit"] == "messages_user" and line["level"] == "warning"
-    # Bound from the connection's context, not passed by the code that logged.
-    assert line["session"] == created["code"] and line["conn"]
+    # Bound from the connection's context (the code hashed), not passed by the code that logged.
+    assert CODE_HASH.fullmatch(line["session"]) and line["conn"]
+    assert created["code"] not in server.output()
 
 
 # --- probes ---------------------------------------------------------------------
@@ -437,7 +443,7 @@ def test_truncate_mode_keeps_the_network_only() -> None:
 
 def test_the_ip_hash_is_keyed() -> None:
     def hashed(key: str) -> str:
-        return str(orjson.loads(pipeline_output("json", ("a", "x", {"ip": "203.0.113.77"}), log_ip_key=key))["ip"])
+        return str(orjson.loads(pipeline_output("json", ("a", "x", {"ip": "203.0.113.77"}), hash_key=key))["ip"])
 
     assert hashed("k" * 16) == hashed("k" * 16) != hashed("j" * 16)
 
@@ -567,7 +573,7 @@ def test_a_file_left_from_an_earlier_day_is_rotated_on_the_first_line(tmp_path: 
         ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
         ({"LOG_RETENTION_DAYS": "0"}, "LOG_RETENTION_DAYS"),
         ({"LOG_IP_MODE": "raw"}, "LOG_IP_MODE"),
-        ({"LOG_IP_KEY": "short"}, "LOG_IP_KEY"),
+        ({"HASH_KEY": "short"}, "HASH_KEY"),
         ({"LIVENESS_MAX_LAG": "0"}, "LIVENESS_MAX_LAG"),
         ({"READY_TIMEOUT": "nan"}, "READY_TIMEOUT"),
         ({"PRE_DRAIN_DELAY": "6", "SHUTDOWN_GRACE": "10"}, "PRE_DRAIN_DELAY"),
@@ -587,7 +593,7 @@ def test_observability_settings_parse() -> None:
             "LOG_FILE": "logs/tandem.log",
             "LOG_RETENTION_DAYS": "14",
             "LOG_IP_MODE": "truncate",
-            "LOG_IP_KEY": "0123456789abcdef",
+            "HASH_KEY": "0123456789abcdef",
             "LIVENESS_MAX_LAG": "2.5",
             "READY_TIMEOUT": "0.5",
             "PRE_DRAIN_DELAY": "5",

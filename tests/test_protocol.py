@@ -240,6 +240,12 @@ def test_keys_that_only_look_repeated_are_accepted(text: str) -> None:
     assert isinstance(parse_request(text), SendMessage)
 
 
+def test_deep_data_with_an_object_inside_is_bad_request() -> None:
+    text = '{"type":"message:send","data":{"a":' + "[" * 300 + "]" * 300 + "}}"
+    err = client_error(text)
+    assert err.code == ErrorCode.BAD_REQUEST and "nested too deeply" in err.message
+
+
 def _pairs_without_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     keys = [k for k, _ in pairs]
     if len(keys) != len(set(keys)):

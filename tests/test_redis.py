@@ -28,6 +28,9 @@ from conftest import SHARED_REDIS_URL, Client, Server, ServerFactory, assert_no_
 from redis_servers import REDIS_CLI, RedisCluster3, RedisServer, TlsFiles
 from trio_websocket import ConnectionClosed, connect_websocket_url
 
+import redaction
+from redis_store import SHARED_SECRET_KEY
+
 RedisFactory = Callable[..., RedisServer]
 _request_ids = itertools.count(1_000_000)
 
@@ -228,7 +231,8 @@ def assert_unavailable(reply: dict[str, Any]) -> None:
 async def test_two_instances_share_sessions_and_subscribe_only_where_members_are(
     backend: Backend, tandem_factory: ServerFactory, tmp_path: Path
 ) -> None:
-    s1, s2 = instances(tandem_factory, tmp_path, backend, SESSION_IDLE_TIMEOUT="3", SWEEP_INTERVAL="0.1")
+    key = "two-instances-key-0123456789"  # one HASH_KEY: a code has one hash in both logs
+    s1, s2 = instances(tandem_factory, tmp_path, backend, SESSION_IDLE_TIMEOUT="3", SWEEP_INTERVAL="0.1", HASH_KEY=key)
     subscribers = backend.shard_subscribers
     async with connect(s1) as a:
         created = await a.create()
@@ -293,7 +297,8 @@ async def test_two_instances_share_sessions_and_subscribe_only_where_members_are
                 await a2.nothing(0.5)
                 await b2.nothing(0.1)
                 await eventually(lambda: subscribers(code), 0)
-                expired = [e for s in (s1, s2) for e in log_events(s, "session.expired") if e.get("session") == code]
+                hashed = redaction.Redactor("hash", key.encode()).code(code)  # logs hold no codes
+                expired = [e for s in (s1, s2) for e in log_events(s, "session.expired") if e.get("session") == hashed]
                 assert len(expired) == 1, expired
                 reply = await call(a2, "session:join", code=code)
                 assert reply["type"] == "error" and reply["code"] == "not_found", reply
@@ -693,7 +698,8 @@ async def test_no_key_without_ttl_and_nothing_left_of_ended_or_expired_sessions(
 
             keys = all_keys(admin)
             assert keys, "no keys while three sessions live"
-            assert [k for k, ttl in keys.items() if ttl < 0] == [], keys
+            # The instances' shared hash key is the one key meant to outlive every session.
+            assert [k for k, ttl in keys.items() if ttl < 0 and k != SHARED_SECRET_KEY] == [], keys
             for code in codes:
                 assert f"tandem:{{{code}}}:s" in keys
                 assert any(k.startswith(f"tandem:{{{code}}}:rl:") for k in keys), keys  # a member's rate limit
@@ -711,11 +717,11 @@ async def test_no_key_without_ttl_and_nothing_left_of_ended_or_expired_sessions(
 
         assert_no_trace(s1, codes, within=5)
         keys = all_keys(admin)
-        assert [k for k, ttl in keys.items() if ttl < 0] == [], keys
+        assert [k for k, ttl in keys.items() if ttl < 0 and k != SHARED_SECRET_KEY] == [], keys
         assert [k for k in keys if any(code in k for code in codes)] == [], keys
         # What is left belongs to no session: per-address rate limits, and the
         # expiry index (without these sessions).
-        assert all(k.startswith(("tandem:rl:", "tandem:expiry:")) for k in keys), keys
+        assert all(k.startswith(("tandem:rl:", "tandem:expiry:")) or k == SHARED_SECRET_KEY for k in keys), keys
         for key in (k for k in keys if k.startswith("tandem:expiry:")):
             members = {m.decode() if isinstance(m, bytes) else str(m) for m in admin.zrange(key, 0, -1)}
             assert not set(codes) & members, (key, members)
