@@ -69,7 +69,13 @@ COMPONENTS: tuple[tuple[str, str], ...] = (
     ("trio/", "trio, other"),
     ("redis/", "redis-py (client, parser)"),
     ("session_store.py", "Tandem store (incl. SQLite calls)"),
+    ("sqlite_store.py", "Tandem store (incl. SQLite calls)"),
     ("redis_store.py", "Tandem store (incl. SQLite calls)"),
+    ("redis_scripts.py", "Tandem store (incl. SQLite calls)"),
+    ("redis_listener.py", "Tandem store (incl. SQLite calls)"),
+    ("redis_client.py", "Tandem store (incl. SQLite calls)"),
+    ("relay.py", "Tandem relay.py and lifecycle.py"),
+    ("lifecycle.py", "Tandem relay.py and lifecycle.py"),
     ("server.py", "Tandem server.py"),
     ("hypercorn_fixes.py", "hypercorn (ASGI server)"),
     ("health.py", "Tandem health.py, metrics.py and prometheus_client (metrics)"),
@@ -198,7 +204,7 @@ def leaf_component(frame: tuple[str, str, str]) -> str:
     func, file, line = frame
     if func in FUNCTIONS:
         return FUNCTIONS[func]
-    if file in ("session_store.py", "redis_store.py"):
+    if file in ("session_store.py", "sqlite_store.py", "redis_store.py"):
         text = source_line(file, line)
         if "COMMIT" in text:
             return "SQLite COMMIT (WAL write and fsync)"
