@@ -12,26 +12,21 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
 import redis
 import redis.cluster
+from helpers import free_port
 
 REDIS_SERVER = shutil.which("redis-server") or "redis-server"
 REDIS_CLI = shutil.which("redis-cli") or "redis-cli"
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
 CLUSTER_TIMEOUT = 20.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class RedisServer:
@@ -150,6 +145,9 @@ class RedisServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(STOP_TIMEOUT)
+
+
+RedisFactory = Callable[..., RedisServer]  # starts a RedisServer: the `private_redis` fixture
 
 
 class TlsFiles:

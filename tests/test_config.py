@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
 import config as config_module
 from config import DEFAULTS, SETTINGS, Config, ConfigError, Setting, load

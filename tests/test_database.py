@@ -7,7 +7,6 @@ a session runs, and starts it again.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -22,7 +21,7 @@ import orjson
 import psycopg
 import pytest
 import trio
-from conftest import ROOT, Server, ServerFactory, connect, free_port, paired
+from helpers import ROOT, ServerFactory, base_env, connect, eventually, free_port, log_lines, paired
 from pg_servers import PrivateCluster, scratch_database
 
 import archive as archive_module
@@ -47,30 +46,13 @@ def query(url: str, text: str, params: tuple[Any, ...] | dict[str, Any] = ()) ->
         return conn.execute(text.encode(), params).fetchall()
 
 
-async def eventually(url: str, text: str, done: Callable[[list[tuple[Any, ...]]], bool]) -> list[tuple[Any, ...]]:
+async def archived(url: str, text: str, done: Callable[[list[tuple[Any, ...]]], bool]) -> list[tuple[Any, ...]]:
     """Poll `text` until `done(rows)`; fail with the last rows after ARCHIVE_WAIT seconds."""
-    rows: list[tuple[Any, ...]] = []
-    deadline = trio.current_time() + ARCHIVE_WAIT
-    for _ in range(10_000):
-        rows = query(url, text)
-        if done(rows) or trio.current_time() > deadline:
-            break
-        await trio.sleep(0.1)
-    assert done(rows), f"not archived within {ARCHIVE_WAIT}s: {rows}"
-    return rows
-
-
-def log_events(server: Server) -> list[dict[str, Any]]:
-    events = []
-    for line in server.output().splitlines():
-        if line.startswith("{"):
-            events.append(orjson.loads(line))
-    return events
+    return await eventually(lambda: query(url, text), until=done, within=ARCHIVE_WAIT, interval=0.1)
 
 
 def run_cli(*args: str, cwd: Path, **settings: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TANDEM_", "DATABASE_URL", "REDIS_URL"))}
-    env.update({"LOG_LEVEL": "INFO", "LOG_FORMAT": "json", **settings})
+    env = base_env(**{"LOG_LEVEL": "INFO", "LOG_FORMAT": "json", **settings})
     return subprocess.run(
         [sys.executable, str(ROOT / "server.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60
     )
@@ -167,8 +149,7 @@ def test_two_migrators_at_once_one_applies_the_other_waits_and_finds_nothing(pg_
         holder.execute(migrations.MIGRATIONS_TABLE)
         holder.execute("BEGIN")
         holder.execute("LOCK TABLE schema_migrations IN ACCESS EXCLUSIVE MODE")
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("TANDEM_", "DATABASE_URL", "REDIS_URL"))}
-        env.update({"DATABASE_URL": pg_url, "LOG_LEVEL": "INFO", "LOG_FORMAT": "json"})
+        env = base_env(DATABASE_URL=pg_url, LOG_LEVEL="INFO", LOG_FORMAT="json")
         outputs = [tmp_path / f"migrate-{n}.log" for n in range(2)]
         procs = []
         for output in outputs:
@@ -303,7 +284,7 @@ async def test_the_archive_matches_a_scripted_session_row_for_row(pg_url: str, t
         await a.expect("session:peer_left")
         assert (await a.request("session:leave"))["type"] == "session:left"
 
-    await eventually(
+    await archived(
         pg_url, "SELECT count(*) FROM analytics_events WHERE type = 'connection.closed'", lambda r: r == [(2,)]
     )
     sessions = query(
@@ -345,7 +326,7 @@ async def test_metadata_only_and_expiry_is_archived(pg_url: str, tandem_factory:
         await a.message({"secret": "not for the archive"})
         await b.expect("message")
         await a.expect("session:expired")
-    rows = await eventually(
+    rows = await archived(
         pg_url, "SELECT end_reason, message_count FROM sessions WHERE ended_at IS NOT NULL", lambda r: len(r) == 1
     )
     assert rows == [("idle", 1)]
@@ -353,7 +334,7 @@ async def test_metadata_only_and_expiry_is_archived(pg_url: str, tandem_factory:
         (None, len(orjson.dumps({"secret": "not for the archive"})))
     ]
     assert query(pg_url, "SELECT count(*) FROM analytics_events WHERE strpos(props::text, 'secret') > 0") == [(0,)]
-    await eventually(
+    await archived(
         pg_url, "SELECT count(*) FROM analytics_events WHERE type = 'connection.closed'", lambda r: r == [(2,)]
     )
 
@@ -388,7 +369,7 @@ async def test_a_full_queue_drops_and_counts_and_never_blocks_the_relay(
     dropped = re.search(rb'^tandem_archive_rows_total\{outcome="dropped"\} (\S+)$', metrics, re.MULTILINE)
     assert dropped is not None and float(dropped.group(1)) >= 30, metrics
     assert await trio.to_thread.run_sync(server.terminate) == 0, server.output()
-    events = log_events(server)
+    events = log_lines(server, strict=True)
     overflow = [e for e in events if e["event"] == "archive.overflow"]
     assert len(overflow) == 1, overflow
     closed = next(e for e in events if e["event"] == "archive.closed")
@@ -408,7 +389,7 @@ async def test_postgresql_down_mid_run_the_relay_keeps_working_and_rows_arrive_a
             for n in range(3):
                 await a.message(n)
                 await b.expect("message")
-            await eventually(cluster.url, "SELECT count(*) FROM messages", lambda r: r == [(3,)])
+            await archived(cluster.url, "SELECT count(*) FROM messages", lambda r: r == [(3,)])
 
             await trio.to_thread.run_sync(cluster.stop)
             with trio.fail_after(10):  # the relay does not wait for PostgreSQL
@@ -421,13 +402,13 @@ async def test_postgresql_down_mid_run_the_relay_keeps_working_and_rows_arrive_a
             await trio.sleep(archive_module.POOL_WAIT_S + 1)  # long enough for the writer to give up once
             await trio.to_thread.run_sync(cluster.start)
 
-            rows = await eventually(
+            rows = await archived(
                 cluster.url, "SELECT seq FROM messages ORDER BY session_id, seq", lambda r: len(r) == 11
             )
             assert [seq for (seq,) in rows] == [*range(1, 11), 1]
             codes = query(cluster.url, "SELECT code, paired_at IS NOT NULL FROM sessions ORDER BY id")
             assert codes == [(created["code"], True), (during["code"], True)]
-        events = [e["event"] for e in log_events(server)]
+        events = [e["event"] for e in log_lines(server, strict=True)]
         assert events.count("archive.unavailable") == 1 and events.count("archive.recovered") == 1, events
     finally:
         await trio.to_thread.run_sync(cluster.destroy)
@@ -507,4 +488,4 @@ async def test_an_abandoned_call_cancels_its_query(pg_url: str) -> None:
     with trio.move_on_after(0.5):
         await pg.in_thread(sleep)
     active = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'tandem-test-sleep' AND state = 'active'"
-    await eventually(pg_url, active, lambda rows: rows == [(0,)])
+    await archived(pg_url, active, lambda rows: rows == [(0,)])

@@ -13,15 +13,13 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, free_port
+from helpers import ROOT, free_port, wait_listening
 
 
 @dataclass
@@ -146,15 +144,7 @@ def test_image_start_and_healthcheck_commands_work_outside_docker(tmp_path: Path
     with open(log, "wb") as out:
         proc = subprocess.Popen(start, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            assert proc.poll() is None, log.read_text()
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, log.read_text()
-                time.sleep(0.05)
+        wait_listening(proc, port, log)
         assert run_healthcheck(check, env, workdir) == 0, log.read_text()
         proc.send_signal(getattr(signal, runtime.last("STOPSIGNAL")))
         assert proc.wait(15) == 0, log.read_text()

@@ -14,8 +14,6 @@ import http.client
 import io
 import logging
 import math
-import os
-import re
 import secrets
 import statistics
 import time
@@ -28,15 +26,13 @@ import orjson
 import prometheus_client
 import pytest
 import trio
-from conftest import STORES, Server, ServerFactory, connect, free_port
+from helpers import BOTH_STORES, CODE_HASH, Server, ServerFactory, connect, free_port, http_get, log_lines
 
 import config as config_module
 import logging_setup
 import redaction
 from metrics import Metrics, RenderCache, StoreMetrics
 
-BOTH = pytest.mark.parametrize("store", STORES, indirect=True)
-CODE_HASH = re.compile(r"code-[0-9a-f]{16}")
 HASH_KEY = "leaks-test-key-0123456789"
 TOKEN = "metrics-token-0123456789abcdef"
 NOT_LOOPBACK = "203.0.113.9"  # TEST-NET-3: only ever a header value, never a destination
@@ -47,17 +43,9 @@ BURST_THREADS = 20
 # --- helpers --------------------------------------------------------------------
 
 
-def request(
-    port: int, path: str, headers: dict[str, str] | None = None, timeout: float = 10.0
-) -> tuple[int, dict[str, str], bytes]:
+def request(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
     """One GET to 127.0.0.1:`port`: (status, headers with lower-case names, body)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", path, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
-    finally:
-        conn.close()
+    return http_get(f"http://127.0.0.1:{port}{path}", headers)
 
 
 def assert_refused(answer: tuple[int, dict[str, str], bytes], status: int) -> None:
@@ -69,15 +57,8 @@ def assert_refused(answer: tuple[int, dict[str, str], bytes], status: int) -> No
     assert b"tandem_" not in body
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of process `pid` so far (/proc/PID/stat, clock ticks)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def burst(server: Server, path: str, headers: dict[str, str]) -> tuple[float, float, list[bytes]]:
+def http_burst(server: Server, path: str, headers: dict[str, str]) -> tuple[float, float, list[bytes]]:
     """BURST GETs from BURST_THREADS keep-alive connections at once: (server CPU s, wall s, bodies)."""
-    assert server.proc is not None
 
     def client(count: int) -> list[bytes]:
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
@@ -94,12 +75,12 @@ def burst(server: Server, path: str, headers: dict[str, str]) -> tuple[float, fl
         return bodies
 
     time.sleep(0.3)  # let the server settle: the CPU measured is the burst's
-    cpu, wall = cpu_seconds(server.proc.pid), time.monotonic()
+    cpu, wall = server.cpu_seconds(), time.monotonic()
     with ThreadPoolExecutor(BURST_THREADS) as pool:
         results = list(pool.map(client, [BURST // BURST_THREADS] * BURST_THREADS))
     wall = time.monotonic() - wall
     time.sleep(0.1)  # the last responses' bookkeeping
-    return cpu_seconds(server.proc.pid) - cpu, wall, [body for bodies in results for body in bodies]
+    return server.cpu_seconds() - cpu, wall, [body for bodies in results for body in bodies]
 
 
 def render_seconds() -> float:
@@ -114,14 +95,10 @@ def render_seconds() -> float:
     return statistics.median(times)
 
 
-def lines_of(server: Server) -> list[dict[str, Any]]:
-    return [orjson.loads(raw) for raw in server.output().splitlines() if raw.startswith("{")]
-
-
 # --- codes in logs ------------------------------------------------------------------
 
 
-@BOTH
+@BOTH_STORES
 @pytest.mark.parametrize("hash_key", [HASH_KEY, ""], ids=["HASH_KEY", "generated"])
 async def test_a_scripted_session_logs_only_keyed_hashes_of_its_codes(
     tandem_factory: ServerFactory, hash_key: str
@@ -168,7 +145,7 @@ async def test_a_scripted_session_logs_only_keyed_hashes_of_its_codes(
     output = server.output()
     for raw in (code, expiring, guessed):
         assert raw not in output, f"the code {raw} is in the log"
-    lines = lines_of(server)
+    lines = log_lines(server, strict=True)
     sessions = [line["session"] for line in lines if "session" in line]
     assert sessions and all(CODE_HASH.fullmatch(value) for value in sessions), sessions
     by_event: dict[str, list[str]] = {}
@@ -296,7 +273,7 @@ def test_metrics_address_is_a_listener_of_its_own(tandem_factory: ServerFactory)
     assert request(server.port, "/metrics", {"Authorization": "Bearer " + TOKEN})[0] == 200
     assert request(server.port, "/")[0] == 200
     # The start-up line names the listener.
-    (listening,) = [line for line in lines_of(server) if line["event"] == "server.listening"]
+    (listening,) = log_lines(server, "server.listening", strict=True)
     assert listening["metrics_address"] == f"http://127.0.0.1:{metrics_port}", listening
 
 
@@ -320,10 +297,10 @@ def test_a_burst_of_scrapes_costs_about_one_render_per_second(tandem_factory: Se
     server = tandem_factory()
     one_render = render_seconds()
     # Each burst twice, the cheaper kept: a stray collection or sweep in one does not count.
-    live_cpu = min(burst(server, "/health/live", {})[0] for _ in range(2))  # BURST requests without a render
-    (metrics_cpu, wall, bodies), again = burst(server, "/metrics", {}), burst(server, "/metrics", {})
+    live_cpu = min(http_burst(server, "/health/live", {})[0] for _ in range(2))  # BURST requests without a render
+    (metrics_cpu, wall, bodies), again = http_burst(server, "/metrics", {}), http_burst(server, "/metrics", {})
     metrics_cpu = min(metrics_cpu, again[0])
-    json_cpu, json_wall, json_bodies = burst(server, "/metrics", {"Accept": "application/json"})
+    json_cpu, json_wall, json_bodies = http_burst(server, "/metrics", {"Accept": "application/json"})
 
     # Every JSON summary differs (uptime in ms, CPU): identical bodies are shared renders.
     distinct = len(set(json_bodies))

@@ -30,14 +30,12 @@ import orjson
 import pytest
 import trio
 import trio.testing
-from conftest import STORES, Server, ServerFactory, connect, paired
+from helpers import BOTH_STORES, Server, ServerFactory, connect, paired
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Ping, Request, TextMessage
 from wsproto.extensions import PerMessageDeflate
 
 import hypercorn_fixes
-
-per_store = pytest.mark.parametrize("store", STORES, indirect=True)
 
 TIMEOUT = 5.0  # longest wait for any one reply from the server
 MAX_FRAMES = 1000  # frames read while waiting for a close: a bound, never reached in practice
@@ -57,7 +55,7 @@ def mask(payload: bytes, key: bytes) -> bytes:
     return (int.from_bytes(payload, "little") ^ int.from_bytes(stream, "little")).to_bytes(n, "little")
 
 
-def frame(opcode: int, payload: bytes, *, fin: bool = True, rsv1: bool = False) -> bytes:
+def masked_frame(opcode: int, payload: bytes, *, fin: bool = True, rsv1: bool = False) -> bytes:
     """One client frame (masked, as RFC 6455 5.3 requires)."""
     first = (0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode
     n = len(payload)
@@ -73,11 +71,11 @@ def frame(opcode: int, payload: bytes, *, fin: bool = True, rsv1: bool = False) 
 
 # Each frame a server must refuse, with the close code RFC 6455 7.4.1 gives it.
 MALFORMED: dict[str, tuple[bytes, int]] = {
-    "invalid UTF-8": (frame(TEXT, b'{"type":"\xff\xfe"}'), 1007),
-    "reserved opcode 0x3": (frame(0x3, b"x"), 1002),
-    "reserved opcode 0xB": (frame(0xB, b""), 1002),
-    "RSV1 without compression": (frame(TEXT, b"hello", rsv1=True), 1002),
-    "continuation without a start": (frame(CONT, b"x"), 1002),
+    "invalid UTF-8": (masked_frame(TEXT, b'{"type":"\xff\xfe"}'), 1007),
+    "reserved opcode 0x3": (masked_frame(0x3, b"x"), 1002),
+    "reserved opcode 0xB": (masked_frame(0xB, b""), 1002),
+    "RSV1 without compression": (masked_frame(TEXT, b"hello", rsv1=True), 1002),
+    "continuation without a start": (masked_frame(CONT, b"x"), 1002),
 }
 
 
@@ -213,21 +211,6 @@ class DeflateClient:
 # --- process figures ----------------------------------------------------------------
 
 
-def cpu_seconds(server: Server) -> float:
-    """User plus system CPU time of the server process (/proc/PID/stat fields 14 and 15)."""
-    assert server.proc is not None
-    fields = Path(f"/proc/{server.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def status_kib(server: Server, key: str) -> int:
-    assert server.proc is not None
-    for line in Path(f"/proc/{server.proc.pid}/status").read_text().splitlines():
-        if line.startswith(f"{key}:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no {key}")
-
-
 def reset_peak_rss(server: Server) -> None:
     """Make VmHWM (peak RSS) start again from the current RSS (proc(5), clear_refs)."""
     assert server.proc is not None
@@ -240,8 +223,9 @@ def assert_healthy_log(server: Server) -> None:
     assert "connection.crashed" not in output, output[-4000:]
 
 
-async def http_get(server: Server, path: str, extra: str = "") -> tuple[bytes, float]:
-    """An HTTP/1.1 GET: (what came back until the server closed, seconds it took)."""
+async def raw_get(server: Server, path: str, extra: str = "") -> tuple[bytes, float]:
+    """An HTTP/1.1 GET from a raw socket, `extra` header lines as they are: (what came back
+    until the server closed, seconds it took)."""
     started = time.perf_counter()
     async with await trio.open_tcp_stream("127.0.0.1", server.port) as stream:
         await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{extra}\r\n".encode())
@@ -301,7 +285,7 @@ async def attack(server: Server, data: bytes, delay: float) -> int | None:
         await sock.aclose()
 
 
-@per_store
+@BOTH_STORES
 async def test_malformed_frames_never_kill_the_server(tandem_factory: ServerFactory) -> None:
     server = tandem_factory(PING_INTERVAL="0.1")  # the lowest allowed: a ping races every close
     stop, progress = trio.Event(), Progress()
@@ -342,7 +326,7 @@ async def test_malformed_frames_never_kill_the_server(tandem_factory: ServerFact
 # --- 1: RFC 6455 close codes -------------------------------------------------------------
 
 
-@per_store
+@BOTH_STORES
 async def test_a_malformed_frame_gets_its_close_code(tandem_factory: ServerFactory) -> None:
     server = tandem_factory()
     got: dict[str, int | None] = {}
@@ -392,14 +376,14 @@ async def test_deflate_is_not_negotiated_by_default(tandem_factory: ServerFactor
         assert sock.status == 101
         assert "sec-websocket-extensions" not in sock.headers, sock.headers
         # A compressed frame is a protocol error, not something to inflate.
-        await sock.send(frame(TEXT, deflated('{"type":"ping","id":1}'), rsv1=True))
+        await sock.send(masked_frame(TEXT, deflated('{"type":"ping","id":1}'), rsv1=True))
         assert await sock.close_code() == 1002
     finally:
         await sock.aclose()
     assert_healthy_log(server)
 
 
-@per_store
+@BOTH_STORES
 async def test_compressed_messages_round_trip_when_enabled(tandem_factory: ServerFactory) -> None:
     server = tandem_factory(WS_COMPRESSION="1")
     a = await DeflateClient.open(server)
@@ -429,7 +413,7 @@ async def send_bomb(server: Server) -> int | None:
         assert sock.status == 101
         assert sock.headers.get("sec-websocket-extensions", "").startswith("permessage-deflate")
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(sock.send, frame(TEXT, bomb(), rsv1=True))
+            nursery.start_soon(sock.send, masked_frame(TEXT, bomb(), rsv1=True))
             code = await sock.close_code()
             nursery.cancel_scope.cancel()  # the server stops reading at once: the rest is never sent
         return code
@@ -441,12 +425,12 @@ async def cost(server: Server, action: Callable[[], Awaitable[None]]) -> tuple[f
     """(CPU seconds, RSS growth MiB, peak RSS growth MiB) of the server during `action`."""
     bomb()  # built before measuring
     await trio.sleep(0.3)  # start-up work done
-    rss, cpu = status_kib(server, "VmRSS"), cpu_seconds(server)
+    rss, cpu = server.status_kib("VmRSS"), server.cpu_seconds()
     reset_peak_rss(server)
     await action()
     await trio.sleep(0.2)  # anything the server still does after answering counts too
-    used = cpu_seconds(server) - cpu
-    return used, (status_kib(server, "VmRSS") - rss) / 1024, (status_kib(server, "VmHWM") - rss) / 1024
+    used = server.cpu_seconds() - cpu
+    return used, (server.status_kib("VmRSS") - rss) / 1024, (server.status_kib("VmHWM") - rss) / 1024
 
 
 async def test_a_compression_bomb_is_refused_cheaply(tandem_factory: ServerFactory) -> None:
@@ -470,7 +454,7 @@ async def test_a_compression_bomb_is_refused_cheaply(tandem_factory: ServerFacto
             for _ in range(5):
                 nursery.start_soon(one_bomb)
             for n in range(100):  # probes every 10 ms, at least 5, until the bombs are answered
-                reply, seconds = await http_get(server, "/health/live")
+                reply, seconds = await raw_get(server, "/health/live")
                 assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
                 latencies.append(seconds)
                 if len(codes) == 6 and n >= 4:
@@ -489,7 +473,7 @@ async def test_a_compression_bomb_is_refused_cheaply(tandem_factory: ServerFacto
     empty_blocks = b"\x00\x00\x00\xff\xff" * (2 * 65536 // 5 + 1000)
     sock = await RawSocket.open(server, OFFER)
     try:
-        await sock.send(frame(TEXT, empty_blocks, rsv1=True))
+        await sock.send(masked_frame(TEXT, empty_blocks, rsv1=True))
         assert await sock.close_code() == 1009
     finally:
         await sock.aclose()
@@ -553,7 +537,7 @@ async def exchange(server: Server, data: bytes, until_eof: bool = True, wait: fl
 async def test_cleartext_http2_is_refused_by_default(tandem_factory: ServerFactory) -> None:
     server = tandem_factory()
     settings = base64.urlsafe_b64encode(hyperframe.frame.SettingsFrame(0).serialize_body()).decode()
-    reply, _ = await http_get(
+    reply, _ = await raw_get(
         server, "/health/live", f"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: {settings}\r\n"
     )
     assert reply.startswith(b"HTTP/1.1 200"), reply[:200]  # answered as HTTP/1.1, no 101
@@ -598,7 +582,7 @@ async def test_http2_rapid_reset_gets_goaway(tandem_factory: ServerFactory) -> N
     print(f"\n{streams} open-and-cancel streams ({len(flood)} B): cpu {cpu:.3f}s, {goaway[-1:]}")
     assert goaway and goaway[-1].error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM  # and closed (`exchange`)
     assert cpu < 0.3
-    reply, _ = await http_get(server, "/health/live")
+    reply, _ = await raw_get(server, "/health/live")
     assert reply.startswith(b"HTTP/1.1 200")
     assert "Traceback" not in server.output()
 

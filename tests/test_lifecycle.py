@@ -5,14 +5,13 @@ WebSockets; signals are real (SIGTERM, SIGKILL). What is checked is what a
 user can observe: close codes, exit codes, and the Delivery promise of
 PROTOCOL.md: an acknowledged message survives a graceful restart and a
 `kill -9`, and `session:resume` replays it in `seq` order, without gaps or
-duplicates.
+duplicates. The restart tests run on both stores: with Redis the sessions
+outlive Tandem there.
 """
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,50 +21,32 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import pytest
 import trio
-from conftest import ROOT, STORES, Client, Server, ServerFactory, connect, free_port, paired
+from helpers import (
+    BOTH_STORES,
+    PROCESS_TIMEOUT,
+    ROOT,
+    Client,
+    Server,
+    ServerFactory,
+    base_env,
+    close_code,
+    connect,
+    expect_messages,
+    frames_until_close,
+    free_port,
+    is_listening,
+    paired,
+    resume,
+    wait_exit,
+    wait_listening,
+)
 from trio_websocket import ConnectionClosed
 
-# Settings `config.py` reads; stripped from the inherited environment so that
-# the start-up tests see only what they set.
-SETTING_NAMES = (
-    "HOST",
-    "PORT",
-    "DATA_DIR",
-    "MAX_MESSAGE_BYTES",
-    "SESSION_IDLE_TIMEOUT",
-    "SESSION_TTL",
-    "HISTORY_SIZE",
-    "ALLOWED_ORIGINS",
-    "PING_INTERVAL",
-    "SHUTDOWN_GRACE",
-    "LOG_LEVEL",
-    "CODE_LENGTH",
-    "SEND_QUEUE_FRAMES",
-    "SEND_QUEUE_BYTES",
-    "MAX_CONSECUTIVE_ERRORS",
-    "SWEEP_INTERVAL",
-    "SQLITE_SYNCHRONOUS",
-)
-PROCESS_TIMEOUT = 15.0
-# The restart tests run on both stores: with Redis the sessions outlive Tandem there.
-BOTH_STORES = pytest.mark.parametrize("store", STORES, indirect=True)
 MAX_SEQ = 2**53 - 1
 
 
 # --- helpers ---------------------------------------------------------------------
-
-
-def base_env(**settings: str) -> dict[str, str]:
-    """The inherited environment without any Tandem setting, plus `settings`."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in SETTING_NAMES and not k.startswith(("TANDEM_", "REDIS_URL", "DATABASE_URL"))
-    }
-    env.update(settings)
-    return env
 
 
 def run_to_exit(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -81,30 +62,11 @@ def run_to_exit(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[s
     )
 
 
-def is_listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-    except OSError:
-        return False
-    return True
-
-
 def health(port: int) -> dict[str, Any]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/live", timeout=5) as response:
         body = orjson.loads(response.read())
     assert isinstance(body, dict)
     return body
-
-
-def wait_listening(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
-    deadline = time.monotonic() + PROCESS_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"tandem exited with {proc.returncode}:\n{log.read_text(errors='replace')}")
-        if is_listening(port):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"tandem did not listen on {port}:\n{log.read_text(errors='replace')}")
 
 
 def stop(proc: subprocess.Popen[bytes]) -> int:
@@ -120,44 +82,9 @@ def stop(proc: subprocess.Popen[bytes]) -> int:
     return proc.returncode
 
 
-async def close_code(client: Client, limit: float = 10.0, max_frames: int = 100_000) -> int:
-    """Discard frames until the server closes the socket; return the close code."""
-    with trio.fail_after(limit):
-        for _ in range(max_frames):
-            try:
-                await client.ws.get_message()
-            except ConnectionClosed as exc:
-                assert exc.reason is not None
-                return int(exc.reason.code)
-    raise AssertionError(f"socket still open after {max_frames} frames")
-
-
-async def wait_exit(server: Server) -> int:
-    """The exit code, waited for in a thread (`Server.wait` blocks)."""
-    return await trio.to_thread.run_sync(server.wait, PROCESS_TIMEOUT)
-
-
-async def resume(client: Client, creds: dict[str, Any], last_seq: int) -> dict[str, Any]:
-    reply = await client.request(
-        "session:resume",
-        code=creds["code"],
-        client_id=creds["client_id"],
-        token=creds["token"],
-        last_seq=last_seq,
-    )
-    assert reply["type"] == "session:resumed", reply
-    assert reply["code"] == creds["code"]
-    assert reply["client_id"] == creds["client_id"]
-    return reply
-
-
 async def expect_presence(client: Client, client_id: str, online: bool) -> None:
     frame = await client.expect("session:presence")
     assert frame["client_id"] == client_id and frame["online"] is online, frame
-
-
-async def read_messages(client: Client, count: int) -> list[dict[str, Any]]:
-    return [await client.expect("message") for _ in range(count)]
 
 
 async def pair_then_drop_b(server: Server, a: Client) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -227,7 +154,7 @@ async def check_replay(server: Server, creds: dict[str, Any], sent: dict[int, An
         assert reply["recovered"] is True, reply
         newest = reply["last_seq"]
         assert newest >= max(acked.values()), (newest, max(acked.values()))
-        replay = await read_messages(b, newest)
+        replay = await expect_messages(b, newest)
         await b.nothing()
     assert [m["seq"] for m in replay] == list(range(1, newest + 1))
     by_seq = {m["seq"]: m["data"] for m in replay}
@@ -253,7 +180,7 @@ async def test_restart_replays_missed_messages_after_sigterm(tandem_factory: Ser
             await a.expect("session:paired")
             for i in range(3):
                 await a.message({"before": i})
-            seen = await read_messages(b, 3)
+            seen = await expect_messages(b, 3)
             assert [m["data"] for m in seen] == [{"before": i} for i in range(3)]
             b_last_seq = seen[-1]["seq"]
         await expect_presence(a, joined["client_id"], False)
@@ -272,7 +199,7 @@ async def test_restart_replays_missed_messages_after_sigterm(tandem_factory: Ser
         assert reply["recovered"] is True
         assert reply["last_seq"] == missed_seqs[-1]
         assert {c["client_id"] for c in reply["clients"]} == {created["client_id"], joined["client_id"]}
-        replay = await read_messages(b, 5)
+        replay = await expect_messages(b, 5)
         assert [m["seq"] for m in replay] == missed_seqs
         assert [m["data"] for m in replay] == missed
         assert all(m["from"] == created["client_id"] for m in replay)
@@ -357,7 +284,7 @@ async def test_sigterm_closes_every_connection_with_1012_within_grace(tandem_fac
         raise AssertionError("conversation did not end")
 
     async def waiter(client: Client) -> None:
-        codes.append(await close_code(client, limit=30))
+        codes.append(await close_code(client, within=30))
 
     async def pair_task(chatting: bool) -> None:
         async with connect(server) as a, connect(server) as b:
@@ -471,20 +398,10 @@ async def test_slow_reader_is_dropped_without_unbounded_memory(tandem_factory: S
         assert growth_mib < 30, f"server RSS grew by {growth_mib:.1f} MiB"
 
         # B reads again: at most what was already on its way, then the close.
-        received: list[int] = []
-        code = 0
-        with trio.fail_after(15):
-            for _ in range(sent + 1):
-                try:
-                    frame = orjson.loads(await b.ws.get_message())
-                except ConnectionClosed as exc:
-                    assert exc.reason is not None
-                    code = int(exc.reason.code)
-                    break
-                assert frame["type"] == "message" and frame["data"] == payload, str(frame)[:200]
-                received.append(frame["seq"])
-            else:
-                raise AssertionError("B got more messages than A sent")
+        frames, code = await frames_until_close(b, 15, max_frames=sent + 1)  # no more than A sent
+        for frame in frames:
+            assert frame["type"] == "message" and frame["data"] == payload, str(frame)[:200]
+        received = [frame["seq"] for frame in frames]
         assert code in (1013, 1006), code
         assert received == list(range(1, len(received) + 1))
         assert len(received) <= offline_at + 1

@@ -23,8 +23,6 @@ import logging
 import math
 import re
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -37,13 +35,27 @@ import pytest
 import redis
 import trio
 import trio.testing
-from conftest import SHARED_REDIS_URL, Client, Server, ServerFactory, check_redis, connect
+from helpers import (
+    SHARED_REDIS_URL,
+    UNKNOWN_CODE,
+    Client,
+    Server,
+    ServerFactory,
+    assert_alive,
+    call,
+    check_redis,
+    connect,
+    frames_until_close,
+    http_get,
+    log_lines,
+    xff,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis_servers import RedisCluster3, RedisServer
-from trio_websocket import ConnectionClosed, ConnectionRejected
+from trio_websocket import ConnectionRejected
 
 from limiter import Decision, LimitKey, MemoryLimiter, RedisLimiter, Rule, redis_key
 
@@ -51,7 +63,6 @@ BOTH = pytest.mark.parametrize("store", ["sqlite", "redis"])
 # Limiter keys: per rule and client (tandem:rl:{rule:key}) or per member, beside its session.
 LIMITER_KEY_PATTERNS = ("tandem:rl:*", "tandem:{*}:rl:*")
 LOG_WAIT = 5.0  # the log is written by a thread: how long a line may take to appear
-UNKNOWN_CODE = "ZZZZ9999"  # well-formed; a real session with this code is a 1 in 10^12 chance
 
 
 # --- 1. the rule: one table of cases for `decide`/MemoryLimiter and for the Lua -------------
@@ -431,7 +442,8 @@ async def test_redis_limiter_falls_back_to_memory_and_logs_once_per_outage(
 
 
 @pytest.fixture(scope="module")
-def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+def limiter_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One private redis-server for the module's end-to-end tests (`limits_env` flushes it per test)."""
     server = RedisServer(tmp_path_factory.mktemp("limiter-redis")).start()
     yield server
     server.stop()
@@ -456,7 +468,7 @@ def limits_env(store: str, request: pytest.FixtureRequest) -> Iterator[dict[str,
     if store != "redis":
         yield env
         return
-    server: RedisServer = request.getfixturevalue("private_redis")
+    server: RedisServer = request.getfixturevalue("limiter_redis")
     client = server.client()
     try:
         client.flushall()
@@ -466,45 +478,16 @@ def limits_env(store: str, request: pytest.FixtureRequest) -> Iterator[dict[str,
         client.close()
 
 
-def log_lines(server: Server, name: str) -> list[dict[str, Any]]:
-    """The JSON log lines of `server` with `"event": name`."""
-    found = []
-    for text in server.output().splitlines():
-        if text.startswith("{"):
-            try:
-                line = orjson.loads(text)
-            except orjson.JSONDecodeError:
-                continue
-            if line.get("event") == name:
-                found.append(line)
-    return found
-
-
-def log_events(server: Server, name: str) -> int:
-    return len(log_lines(server, name))
-
-
 async def wait_for_log(server: Server, name: str, at_least: int = 1) -> int:
+    """Wait until the server logged `name` `at_least` times; how many times it did."""
     with trio.move_on_after(LOG_WAIT):
         for _ in range(int(LOG_WAIT / 0.05) + 1):
-            if log_events(server, name) >= at_least:
+            if len(log_lines(server, name)) >= at_least:
                 break
             await trio.sleep(0.05)
-    count = log_events(server, name)
+    count = len(log_lines(server, name))
     assert count >= at_least, f"{name} logged {count} times:\n{server.output()[-3000:]}"
     return count
-
-
-async def call(client: Client, kind: str, **fields: Any) -> dict[str, Any]:
-    """Send a request and return its reply, skipping events (messages, presence) meanwhile."""
-    rid = next(client._ids)
-    await client.send({"type": kind, "id": rid, **fields})
-    for _ in range(200):
-        frame = await client.recv()
-        if frame.get("id") == rid:
-            return frame
-        assert "id" not in frame, f"reply to another request: {frame}"
-    raise AssertionError(f"no reply to {kind} among 200 frames")
 
 
 async def send(client: Client, data: Any = "x") -> dict[str, Any]:
@@ -522,14 +505,6 @@ def assert_rate_limited(frame: dict[str, Any], rule: str, window: float) -> floa
     retry_after = frame["retry_after"]
     assert isinstance(retry_after, int | float) and 0 < retry_after <= window, frame
     return float(retry_after)
-
-
-async def assert_open(client: Client) -> None:
-    assert (await call(client, "ping"))["type"] == "pong"
-
-
-def xff(address: str) -> list[tuple[bytes, bytes]]:
-    return [(b"X-Forwarded-For", address.encode())]
 
 
 async def refused_handshake(server: Server, headers: list[tuple[bytes, bytes]] | None = None) -> ConnectionRejected:
@@ -557,17 +532,8 @@ def assert_rejected_429(rejected: ConnectionRejected, rule: str, limit: int, win
     return assert_429(rejected.status_code, headers, rejected.body, rule, limit, window)
 
 
-def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-    request = urllib.request.Request(url, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
-    except urllib.error.HTTPError as error:
-        return error.code, {k.lower(): v for k, v in error.headers.items()}, error.read()
-
-
 async def api_info(server: Server, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-    return await trio.to_thread.run_sync(http_get, f"{server.http}/api/info", headers)
+    return await trio.to_thread.run_sync(lambda: http_get(f"{server.http}/api/info", headers, timeout=5.0))
 
 
 @asynccontextmanager
@@ -601,7 +567,7 @@ async def test_messages_per_user_boundary_and_retry_after(
         refused = await send(a)  # the 4th within 2 s
         refused_at = time.monotonic()
         retry_after = assert_rate_limited(refused, "messages_user", 2.0)
-        await assert_open(a)  # the connection stays open and serves other requests
+        await assert_alive(a)  # the connection stays open and serves other requests
         # Probe every 50 ms: the first message admitted comes when retry_after said.
         admitted_at = None
         for _ in range(100):
@@ -620,7 +586,7 @@ async def test_messages_per_user_boundary_and_retry_after(
         # the 2nd message (0.5 s after the 1st) leaves: sliding, not a reset.
         again = assert_rate_limited(await send(a), "messages_user", 2.0)
         assert again <= gap + 0.001
-        await assert_open(a)
+        await assert_alive(a)
 
 
 @BOTH
@@ -633,8 +599,8 @@ async def test_messages_per_ip_across_two_members(limits_env: dict[str, str], ta
         assert_acked(await send(b))  # the 3rd from this address
         retry_after = assert_rate_limited(await send(b), "messages_ip", 2)  # b sent 1: the address's limit
         assert_rate_limited(await send(a), "messages_user", 2)
-        await assert_open(a)
-        await assert_open(b)
+        await assert_alive(a)
+        await assert_alive(b)
         await trio.sleep(retry_after + 0.05)  # the window moved past a's 1st message
         assert_acked(await send(b))
 
@@ -651,11 +617,9 @@ async def test_repeated_rate_limited_closes_with_1008(
         assert_acked(await send(a))
         for _ in range(2):
             assert_rate_limited(await send(a), "messages_user", 30)
-        await assert_open(a)  # a ping in between does not excuse them
+        await assert_alive(a)  # a ping in between does not excuse them
         assert_rate_limited(await send(a), "messages_user", 30)  # the third
-        with pytest.raises(ConnectionClosed) as closed, trio.fail_after(5):
-            await a.ws.get_message()
-        assert closed.value.reason is not None and closed.value.reason.code == 1008
+        assert await frames_until_close(a, 5) == ([], 1008)
 
 
 @BOTH
@@ -669,13 +633,13 @@ async def test_connections_per_ip_get_429_before_the_upgrade(
         # No WebSocket was accepted for it: the log shows three opened, no fourth.
         await wait_for_log(server, "connection.open", 3)
         await trio.sleep(0.2)
-        assert log_events(server, "connection.open") == 3
+        assert len(log_lines(server, "connection.open")) == 3
         for client in (a, b, c):  # those already open are not affected
-            await assert_open(client)
+            await assert_alive(client)
         await trio.sleep(retry_after)
         async with connect(server) as d:  # the window moved
-            await assert_open(d)
-    assert log_events(server, "connection.open") >= 4
+            await assert_alive(d)
+    assert len(log_lines(server, "connection.open")) >= 4
 
 
 @BOTH
@@ -688,7 +652,7 @@ async def test_failed_joins_per_ip(limits_env: dict[str, str], tandem_factory: S
         # Over the limit: even the right code is refused, from any connection of this address.
         retry_after = assert_rate_limited(await call(b, "session:join", code=code), "join_failures_ip", 2.0)
         assert_rate_limited(await call(c, "session:join", code=code), "join_failures_ip", 2.0)
-        await assert_open(b)
+        await assert_alive(b)
         await trio.sleep(retry_after + 0.05)  # the window moved
         assert (await call(b, "session:join", code=code))["type"] == "session:joined"
 
@@ -705,7 +669,7 @@ async def test_api_per_ip(limits_env: dict[str, str], tandem_factory: ServerFact
         assert orjson.loads(body)["rate_limits"]["api_ip"] == {"limit": 3, "window": 2.0}
     retry_after = assert_429(*await api_info(server), "api_ip", 3, 2)
     for _ in range(5):  # only /api is counted
-        assert (await trio.to_thread.run_sync(http_get, f"{server.http}/health/live"))[0] == 200
+        assert (await trio.to_thread.run_sync(lambda: http_get(f"{server.http}/health/live", timeout=5.0)))[0] == 200
     await trio.sleep(retry_after)
     assert (await api_info(server))[0] == 200
 
@@ -737,7 +701,7 @@ async def test_limits_off_admit_everything(how: str, limits_env: dict[str, str],
         assert (await call(b, "session:join", code=code))["type"] == "session:joined"
         for _ in range(3):
             assert_acked(await send(b))
-        await assert_open(c)
+        await assert_alive(c)
     for _ in range(3):
         status, headers, _body = await api_info(server)
         assert status == 200 and "ratelimit" not in headers and "ratelimit-policy" not in headers
@@ -779,7 +743,7 @@ async def test_forwarded_for_from_a_trusted_proxy_gets_separate_budgets(tandem_f
         async with connect(server, extra_headers=xff(b)), connect(server, extra_headers=xff(f"{b}, 127.0.0.1")):
             assert_rejected_429(await refused_handshake(server, xff(b)), "connections_ip", 2, 30)
         async with connect(server) as proxy_itself:  # no header: the peer's own budget
-            await assert_open(proxy_itself)
+            await assert_alive(proxy_itself)
     # Messages per IP follow the forwarded address too.
     async with member(server, xff("203.0.113.3")) as c, member(server, xff("203.0.113.4")) as d:
         assert_acked(await send(c))
@@ -855,13 +819,6 @@ async def test_two_instances_on_one_redis_share_the_limits(
     await assert_instances_share_limits(s1, s2)
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[RedisCluster3]:
-    nodes = RedisCluster3(tmp_path / "cluster").start()
-    yield nodes
-    nodes.stop()
-
-
 async def test_limits_on_a_three_master_cluster(cluster: RedisCluster3, tandem_factory: ServerFactory) -> None:
     settings = SHARED_LIMITS | {"REDIS_URL": cluster.url, "REDIS_CLUSTER": "1"}
     s1 = tandem_factory(**settings)
@@ -896,13 +853,13 @@ async def test_redis_down_fails_open_or_closed(tmp_path: Path, tandem_factory: S
         fail_closed = tandem_factory(**limits, RATE_LIMIT_FAIL_CLOSED="1")
         for server in (fail_open, fail_closed):  # counted in Redis: 2 of 3
             async with connect(server) as client:
-                await assert_open(client)
+                await assert_alive(client)
         redis_server.stop()
 
         # Fail-open (the default): this process's memory decides, from an empty window.
         for _ in range(3):
             async with connect(fail_open) as client:
-                await assert_open(client)
+                await assert_alive(client)
         for _ in range(2):
             assert_rejected_429(await refused_handshake(fail_open), "connections_ip", 3, 30)
         # Fail-closed: refused while Redis is down.
@@ -919,9 +876,9 @@ async def test_redis_down_fails_open_or_closed(tmp_path: Path, tandem_factory: S
 
         redis_server.start()  # back, empty (it keeps nothing across a restart): Redis decides again
         async with connect(fail_closed) as client:
-            await assert_open(client)
+            await assert_alive(client)
         async with connect(fail_open) as client:  # its in-memory window is full: Redis said yes
-            await assert_open(client)
+            await assert_alive(client)
         # The outage's checks were counted: 5 and 3 decided without Redis.
         for server, fallbacks in ((fail_open, 5), (fail_closed, 3)):
             await wait_for_log(server, "limiter.redis_back")
@@ -940,12 +897,12 @@ def key_rule(key: str) -> str:
     return key.split(":rl:", 1)[1].split(":", 1)[0]
 
 
-async def test_every_limiter_key_has_a_ttl(private_redis: RedisServer, tandem_factory: ServerFactory) -> None:
-    client = private_redis.client()
+async def test_every_limiter_key_has_a_ttl(limiter_redis: RedisServer, tandem_factory: ServerFactory) -> None:
+    client = limiter_redis.client()
     try:
         client.flushall()
         server = tandem_factory(
-            RATE_LIMIT_ENABLED="1", REDIS_URL=private_redis.url(), **{name: "5/20" for name in LIMIT_SETTINGS}
+            RATE_LIMIT_ENABLED="1", REDIS_URL=limiter_redis.url(), **{name: "5/20" for name in LIMIT_SETTINGS}
         )
         async with connect(server) as owner, connect(server) as b:
             created = await call(owner, "session:create")

@@ -17,8 +17,6 @@ import re
 import signal
 import sqlite3
 import time
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -28,7 +26,7 @@ from typing import Any
 import orjson
 import pytest
 import trio
-from conftest import Client, Server, ServerFactory, connect
+from helpers import CODE_HASH, Client, Server, ServerFactory, connect, http_get, wait_exit
 from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import ConnectionClosed, wrap_client_stream
 
@@ -40,7 +38,6 @@ from protocol import ErrorCode
 
 ISO_MS = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")
 IP_HASH = re.compile(r"ip-[0-9a-f]{16}")
-CODE_HASH = re.compile(r"code-[0-9a-f]{16}")
 HASH_KEY = "observability-key-0123456789"
 QUIET = {"RATE_LIMIT_ENABLED": "0"}
 
@@ -48,17 +45,9 @@ QUIET = {"RATE_LIMIT_ENABLED": "0"}
 # --- helpers --------------------------------------------------------------------
 
 
-def fetch(url: str, accept: str | None = None, timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
-    request = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, dict(response.headers.items()), response.read()
-    except urllib.error.HTTPError as error:
-        return error.code, dict(error.headers.items()), error.read()
-
-
 async def get(server: Server, path: str, accept: str | None = None) -> tuple[int, dict[str, str], bytes]:
-    return await trio.to_thread.run_sync(fetch, server.http + path, accept)
+    """GET `path` of the server in a thread: (status, headers, body)."""
+    return await trio.to_thread.run_sync(http_get, server.http + path, {"Accept": accept} if accept else None)
 
 
 async def probe(server: Server, path: str) -> tuple[int, dict[str, Any]]:
@@ -87,7 +76,8 @@ async def connect_from(server: Server, source_ip: str) -> AsyncIterator[Client]:
             await ws.aclose()
 
 
-def log_lines(output: str) -> list[dict[str, Any]]:
+def parse_log(output: str) -> list[dict[str, Any]]:
+    """Every line of `output`, each of which must be one JSON object in the log's format."""
     lines = []
     for raw in output.splitlines():
         line = orjson.loads(raw)  # every line is one JSON object
@@ -112,10 +102,6 @@ def metrics(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def sample(values: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
     return values.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-async def wait_exit(server: Server, seconds: float) -> int:
-    return await trio.to_thread.run_sync(server.wait, seconds)
 
 
 async def eventually_status(server: Server, path: str, status: int, seconds: float) -> None:
@@ -162,7 +148,7 @@ async def test_scripted_session_logs_events_never_tokens_addresses_or_bodies(
     assert await trio.to_thread.run_sync(server.terminate) == 0
 
     output = server.output()
-    lines = log_lines(output)
+    lines = parse_log(output)
     for secret in (created["token"], joined["token"], created["code"], ip, email, *bodies):
         assert secret not in output, f"{secret!r} is in the log"
     assert "\nfake line" not in output and '"fake line' not in output
@@ -209,7 +195,7 @@ async def test_rate_limit_refusals_are_counted_each_and_logged_once_with_context
         assert sample(values, "tandem_rate_limited_total", limit="messages_user") == refused
         assert sample(values, "tandem_errors_total", code="rate_limited") == refused
     assert await trio.to_thread.run_sync(server.terminate) == 0
-    (line,) = events(log_lines(server.output()), "rate_limit.refused")
+    (line,) = events(parse_log(server.output()), "rate_limit.refused")
     assert line["limit"] == "messages_user" and line["level"] == "warning"
     # Bound from the connection's context (the code hashed), not passed by the code that logged.
     assert CODE_HASH.fullmatch(line["session"]) and line["conn"]
@@ -248,7 +234,7 @@ async def test_ready_fails_naming_the_store_while_its_file_is_locked_and_live_st
         locker.close()
     await eventually_status(server, "/health/ready", 200, 5)
     assert await trio.to_thread.run_sync(server.terminate) == 0
-    changes = [(line["status"], line["failing"]) for line in events(log_lines(server.output()), "ready.changed")]
+    changes = [(line["status"], line["failing"]) for line in events(parse_log(server.output()), "ready.changed")]
     assert changes == [("fail", ["store"]), ("pass", [])]
 
 
@@ -300,7 +286,7 @@ async def test_live_fails_after_the_event_loop_was_stuck_and_recovers(tandem_fac
     assert lag["observedValue"] >= 1.0 and lag["observedUnit"] == "s", lag
     await eventually_status(server, "/health/live", 200, 8)  # the worst lag is remembered for 5 s
     assert await trio.to_thread.run_sync(server.terminate) == 0
-    assert events(log_lines(server.output()), "event_loop.stalled")
+    assert events(parse_log(server.output()), "event_loop.stalled")
 
 
 # --- metrics ----------------------------------------------------------------------

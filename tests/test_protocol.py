@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -20,13 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-# protocol.py sits in the project root, which pytest does not put on sys.path
-# (tests/ is not a package and the config sets no pythonpath).
-ROOT = str(Path(__file__).resolve().parent.parent)
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-from protocol import (  # noqa: E402
+from protocol import (
     CODE_ALPHABET,
     DEFAULT_MAX_MESSAGE_BYTES,
     MAX_CLIENT_ID_CHARS,
@@ -505,7 +497,8 @@ def test_accepted_codes_are_exactly_the_valid_ones(code: str) -> None:
 # --- session:resume ---------------------------------------------------------
 
 
-def resume(**overrides: Any) -> dict[str, Any]:
+def resume_fields(**overrides: Any) -> dict[str, Any]:
+    """The fields of a valid `session:resume` request, with `overrides`."""
     fields: dict[str, Any] = {
         "type": "session:resume",
         "id": "r",
@@ -519,7 +512,7 @@ def resume(**overrides: Any) -> dict[str, Any]:
 
 
 def test_resume_valid() -> None:
-    assert parse(**resume()) == ResumeSession("r", VALID_CODE, CLIENT_ID, TOKEN, 7)
+    assert parse(**resume_fields()) == ResumeSession("r", VALID_CODE, CLIENT_ID, TOKEN, 7)
 
 
 @pytest.mark.parametrize(
@@ -537,7 +530,7 @@ def test_resume_valid() -> None:
     ],
 )
 def test_resume_valid_bounds(overrides: dict[str, Any]) -> None:
-    result = parse(**resume(**overrides))
+    result = parse(**resume_fields(**overrides))
     assert isinstance(result, ResumeSession)
     expected = {"code": VALID_CODE, "client_id": CLIENT_ID, "token": TOKEN, "last_seq": 7, **overrides}
     assert result == ResumeSession("r", **expected)
@@ -579,14 +572,14 @@ def test_resume_limits() -> None:
     ],
 )
 def test_resume_invalid_field_is_bad_request_with_id(overrides: dict[str, Any]) -> None:
-    err = client_error(frame(**resume(**overrides)))
+    err = client_error(frame(**resume_fields(**overrides)))
     assert err.code == ErrorCode.BAD_REQUEST
     assert err.request_id == "r"
 
 
 @pytest.mark.parametrize("missing", ["code", "client_id", "token", "last_seq"])
 def test_resume_missing_field_is_bad_request(missing: str) -> None:
-    fields = resume()
+    fields = resume_fields()
     del fields[missing]
     err = client_error(frame(**fields))
     assert err.code == ErrorCode.BAD_REQUEST

@@ -9,13 +9,8 @@ or a private 3-master Redis Cluster). What is checked is what clients see
 
 from __future__ import annotations
 
-import itertools
 import signal
 import subprocess
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,16 +19,27 @@ import orjson
 import pytest
 import redis
 import trio
-from conftest import SHARED_REDIS_URL, Client, Server, ServerFactory, assert_no_trace, check_redis, connect
-from redis_servers import REDIS_CLI, RedisCluster3, RedisServer, TlsFiles
+from helpers import (
+    SHARED_REDIS_URL,
+    Client,
+    Server,
+    ServerFactory,
+    assert_no_trace,
+    call,
+    check_redis,
+    connect,
+    eventually,
+    expect_messages,
+    frames_until_close,
+    http_get,
+    log_lines,
+    resume,
+)
+from redis_servers import REDIS_CLI, RedisCluster3, RedisFactory, RedisServer, TlsFiles
 from trio_websocket import ConnectionClosed, connect_websocket_url
 
 import redaction
 from redis_store import SHARED_SECRET_KEY
-
-RedisFactory = Callable[..., RedisServer]
-_request_ids = itertools.count(1_000_000)
-
 
 # --- backends and instances ---------------------------------------------------------
 
@@ -58,17 +64,6 @@ class Backend:
         return total
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster3]:
-    """A real 3-master Redis Cluster for this module, stopped at its end."""
-    nodes = RedisCluster3(tmp_path_factory.mktemp("cluster"))
-    nodes.start()
-    try:
-        yield nodes
-    finally:
-        nodes.stop()
-
-
 @pytest.fixture(params=["redis", "cluster"])
 def backend(request: pytest.FixtureRequest) -> Backend:
     if request.param == "redis":
@@ -82,21 +77,6 @@ def backend(request: pytest.FixtureRequest) -> Backend:
 def shared() -> Backend:
     check_redis(SHARED_REDIS_URL)
     return Backend("redis", {"REDIS_URL": SHARED_REDIS_URL}, (SHARED_REDIS_URL,))
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[RedisFactory]:
-    """Start private redis-servers: `private_redis(appendonly=True, password=...)`; all stopped at the end."""
-    servers: list[RedisServer] = []
-
-    def start(**options: Any) -> RedisServer:
-        server = RedisServer(tmp_path / f"redis-{len(servers)}", **options)
-        servers.append(server)
-        return server.start()
-
-    yield start
-    for server in servers:
-        server.stop()
 
 
 def private_backend(server: RedisServer) -> Backend:
@@ -113,36 +93,6 @@ def instances(
 # --- client helpers ---------------------------------------------------------------------
 
 
-async def call(client: Client, kind: str, inbox: list[dict[str, Any]] | None = None, **fields: Any) -> dict[str, Any]:
-    """Send a request; return its reply. Events that arrive first go to `inbox` (or fail the test)."""
-    rid = next(_request_ids)
-    await client.send({"type": kind, "id": rid, **fields})
-    for _ in range(10_000):
-        frame = await client.recv()
-        if frame.get("id") == rid:
-            return frame
-        assert inbox is not None and "id" not in frame, f"reply to {kind} expected, got {frame}"
-        inbox.append(frame)
-    raise AssertionError(f"no reply to {kind}")
-
-
-async def resume(client: Client, creds: dict[str, Any], last_seq: int) -> dict[str, Any]:
-    reply = await call(
-        client,
-        "session:resume",
-        code=creds["code"],
-        client_id=creds["client_id"],
-        token=creds["token"],
-        last_seq=last_seq,
-    )
-    assert reply["type"] == "session:resumed", reply
-    return reply
-
-
-async def messages(client: Client, count: int) -> list[dict[str, Any]]:
-    return [await client.expect("message") for _ in range(count)]
-
-
 async def drain(client: Client, quiet: float = 0.5, limit: int = 10_000) -> list[dict[str, Any]]:
     """Every frame that arrives until none has for `quiet` s."""
     frames: list[dict[str, Any]] = []
@@ -154,53 +104,13 @@ async def drain(client: Client, quiet: float = 0.5, limit: int = 10_000) -> list
     raise AssertionError(f"more than {limit} frames")
 
 
-async def closed_with(client: Client, within: float = 5.0) -> tuple[list[dict[str, Any]], int]:
-    frames: list[dict[str, Any]] = []
-    with trio.fail_after(within):
-        for _ in range(10_000):
-            try:
-                frames.append(orjson.loads(await client.ws.get_message()))
-            except ConnectionClosed as exc:
-                return frames, int(exc.reason.code) if exc.reason is not None else 1006
-    raise AssertionError("the socket was not closed")
-
-
 async def paired_frames(*clients: Client) -> None:
     for client in clients:
         await client.expect("session:paired")
 
 
-async def eventually(check: Callable[[], object], expected: object, within: float = 5.0) -> None:
-    """Poll `check()` (blocking, quick) until it returns `expected`."""
-    deadline = time.monotonic() + within
-    value = check()
-    for _ in range(int(within / 0.05) + 1):
-        if value == expected or time.monotonic() > deadline:
-            break
-        await trio.sleep(0.05)
-        value = check()
-    assert value == expected, f"{value!r} != {expected!r} after {within} s"
-
-
-def log_events(server: Server, event: str) -> list[dict[str, Any]]:
-    """The server's JSON log lines for `event`."""
-    found = []
-    for line in server.output().splitlines():
-        try:
-            entry = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            continue
-        if isinstance(entry, dict) and entry.get("event") == event:
-            found.append(entry)
-    return found
-
-
 def http_status(server: Server, path: str) -> int:
-    try:
-        with urllib.request.urlopen(server.http + path, timeout=5) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code)
+    return http_get(server.http + path, timeout=5.0)[0]
 
 
 async def status_of(server: Server, path: str) -> int:
@@ -263,7 +173,7 @@ async def test_two_instances_share_sessions_and_subscribe_only_where_members_are
             resumed = await resume(b2, b_creds, 2)
             assert resumed["last_seq"] == 5 and resumed["recovered"] is True
             assert {(c["client_id"], c["online"]) for c in resumed["clients"]} == {(a_id, True), (b_id, True)}
-            replay = await messages(b2, 3)
+            replay = await expect_messages(b2, 3)
             assert [(m["seq"], m["data"]) for m in replay] == [(3 + n, {"missed": n}) for n in range(3)]
             await b2.nothing(0.2)
             assert await a.expect("session:presence") == {"type": "session:presence", "client_id": b_id, "online": True}
@@ -272,7 +182,7 @@ async def test_two_instances_share_sessions_and_subscribe_only_where_members_are
             async with connect(s2) as a2:  # A moves to s2 while online: s1 closes its old socket
                 resumed = await resume(a2, a_creds, 2)
                 assert resumed["last_seq"] == 5
-                frames, close_code = await closed_with(a)
+                frames, close_code = await frames_until_close(a)
                 assert (frames, close_code) == ([], 1000)
                 await a2.nothing(0.2)  # its own messages are not replayed
                 presence = await b2.expect("session:presence")
@@ -298,9 +208,9 @@ async def test_two_instances_share_sessions_and_subscribe_only_where_members_are
                 await b2.nothing(0.1)
                 await eventually(lambda: subscribers(code), 0)
                 hashed = redaction.Redactor("hash", key.encode()).code(code)  # logs hold no codes
-                expired = [e for s in (s1, s2) for e in log_events(s, "session.expired") if e.get("session") == hashed]
+                expired = [e for s in (s1, s2) for e in log_lines(s, "session.expired") if e.get("session") == hashed]
                 assert len(expired) == 1, expired
-                reply = await call(a2, "session:join", code=code)
+                reply = await a2.request("session:join", code=code)
                 assert reply["type"] == "error" and reply["code"] == "not_found", reply
                 assert_no_trace(s1, [code])
 
@@ -316,7 +226,7 @@ async def test_member_on_a_killed_instance_resumes_on_another_and_nothing_acked_
             joined = await b.join(code)
             await paired_frames(b, a)
             assert [await b.message({"b": n}) for n in range(3)] == [1, 2, 3]
-            assert [m["seq"] for m in await messages(a, 3)] == [1, 2, 3]
+            assert [m["seq"] for m in await expect_messages(a, 3)] == [1, 2, 3]
 
             # A pipelines a burst to s1; s1 is killed (-9) after 40 acks.
             acked: dict[int, int] = {}
@@ -366,7 +276,7 @@ async def test_member_on_a_killed_instance_resumes_on_another_and_nothing_acked_
         async with connect(s2) as a2:
             resumed = await resume(a2, {**created}, 3)
             assert resumed["last_seq"] == away[-1] and resumed["recovered"] is True
-            replay = await messages(a2, 5)
+            replay = await expect_messages(a2, 5)
             assert [(m["seq"], m["data"]) for m in replay] == [(s, {"away": n}) for n, s in enumerate(away)]
             await a2.nothing(0.2)
             presence = await b.expect("session:presence")
@@ -473,7 +383,7 @@ async def test_listener_killed_by_redis_is_restarted_counted_and_loses_nothing(
             assert len(killed) == kills and killed[0] == 2 and sum(killed) >= kills + 1, killed
             await b.nothing(0.3)
             for instance in (s1, s2):  # each restart was noticed and logged
-                assert len(log_events(instance, "redis.listener_disconnected")) >= 1, instance.output()[-2000:]
+                assert len(log_lines(instance, "redis.listener_disconnected")) >= 1, instance.output()[-2000:]
             assert await b.message("still live") == total + 1
             assert (await a.expect("message"))["data"] == "still live"
     finally:
@@ -512,7 +422,7 @@ async def test_session_expiring_while_an_instance_cannot_listen_still_ends_for_i
             admin.acl_setuser("s2", enabled=True, commands=["+ssubscribe"])
             assert await b.expect("session:expired") == expired  # s2 resubscribed and found it gone
             assert (await b.create())["code"] != code  # and the socket is free again
-            assert log_events(s2, "redis.listener_disconnected") + log_events(s2, "redis.listener_crashed")
+            assert log_lines(s2, "redis.listener_disconnected") + log_lines(s2, "redis.listener_crashed")
     finally:
         admin.close()
 
@@ -535,11 +445,11 @@ async def test_redis_outage_gives_unavailable_then_service_resumes_without_resta
             joined2 = await d.join(created2["code"])
             await paired_frames(d, c)
             assert [await a.message({"before": n}) for n in range(3)] == [1, 2, 3]
-            assert [m["seq"] for m in await messages(b, 3)] == [1, 2, 3]
+            assert [m["seq"] for m in await expect_messages(b, 3)] == [1, 2, 3]
             assert await b.message("b before") == 4
             assert (await a.expect("message"))["seq"] == 4
             assert [await c.message({"c": n}) for n in range(2)] == [1, 2]
-            assert [m["seq"] for m in await messages(d, 2)] == [1, 2]
+            assert [m["seq"] for m in await expect_messages(d, 2)] == [1, 2]
             assert await status_of(s1, "/health/ready") == 200
 
             server.stop()  # SIGTERM: Redis writes its append-only file and exits
@@ -547,13 +457,13 @@ async def test_redis_outage_gives_unavailable_then_service_resumes_without_resta
 
             a_inbox: list[dict[str, Any]] = []
             assert_unavailable(await call(a, "message:send", a_inbox, data="during"))
-            assert_unavailable(await call(idle, "session:create"))
-            assert_unavailable(await call(d, "message:send", data="during"))
+            assert_unavailable(await idle.request("session:create"))
+            assert_unavailable(await d.request("message:send", data="during"))
         # D's socket dropped during the outage.
 
         pong = await call(a, "ping", a_inbox)  # the sockets stay open, the process lives
         assert pong["type"] == "pong"
-        assert (await call(b, "ping"))["type"] == "pong"
+        assert (await b.request("ping"))["type"] == "pong"
         for instance in (s1, s2):
             assert instance.proc is not None and instance.proc.poll() is None
             assert await status_of(instance, "/health/live") == 200
@@ -588,13 +498,13 @@ async def test_redis_outage_gives_unavailable_then_service_resumes_without_resta
         async with connect(s2) as d2:  # D resumes from 0: nothing acked was lost
             resumed = await resume(d2, {**joined2, "code": created2["code"]}, 0)
             assert resumed["recovered"] is True and resumed["last_seq"] == c_seq
-            replay = await messages(d2, c_seq)
+            replay = await expect_messages(d2, c_seq)
             assert [m["seq"] for m in replay] == list(range(1, c_seq + 1))
             assert [m["data"] for m in replay[:2]] == [{"c": 0}, {"c": 1}]
             assert replay[-1]["data"]["label"] == "c after"
         await eventually(lambda: http_status(s1, "/health/ready"), 200, within=5)
         await eventually(lambda: http_status(s2, "/health/ready"), 200, within=5)
-        assert (await call(idle, "session:create"))["type"] == "session:created"
+        assert (await idle.request("session:create"))["type"] == "session:created"
 
 
 async def test_cluster_master_outage_gives_unavailable_then_service_resumes(
@@ -615,7 +525,7 @@ async def test_cluster_master_outage_gives_unavailable_then_service_resumes(
             victim.stop()  # the master of this session's slot goes away
             a_inbox: list[dict[str, Any]] = []
             assert_unavailable(await call(a, "message:send", a_inbox, data="during"))
-            assert (await call(b, "ping"))["type"] == "pong"
+            assert (await b.request("ping"))["type"] == "pong"
             assert await status_of(s1, "/health/live") == 200
             await trio.sleep(0.5)  # the sweepers of both instances run meanwhile
             for instance in (s1, s2):
@@ -636,10 +546,10 @@ async def test_cluster_master_outage_gives_unavailable_then_service_resumes(
             async with connect(s1) as b2:  # the history survived the master's restart
                 resumed = await resume(b2, {**joined, "code": created["code"]}, 0)
                 assert resumed["last_seq"] == seq + 1
-                replay = await messages(b2, seq)
+                replay = await expect_messages(b2, seq)
                 assert [m["seq"] for m in replay] == list(range(1, seq + 1))
                 assert replay[0]["data"] == "before"
-            assert (await call(idle, "session:create"))["type"] == "session:created"
+            assert (await idle.request("session:create"))["type"] == "session:created"
             for instance in (s1, s2):
                 assert instance.proc is not None and instance.proc.poll() is None, instance.output()[-3000:]
     finally:
@@ -681,7 +591,7 @@ async def test_no_key_without_ttl_and_nothing_left_of_ended_or_expired_sessions(
             left_b = await b.join(left["code"])
             await paired_frames(b, a)
             assert [await a.message(n) for n in range(5)] == [1, 2, 3, 4, 5]
-            await messages(b, 5)
+            await expect_messages(b, 5)
             assert await b.message("b too") == 6
             await a.expect("message")
             # expiring: paired, members stay connected until it expires.
@@ -704,11 +614,11 @@ async def test_no_key_without_ttl_and_nothing_left_of_ended_or_expired_sessions(
                 assert f"tandem:{{{code}}}:s" in keys
                 assert any(k.startswith(f"tandem:{{{code}}}:rl:") for k in keys), keys  # a member's rate limit
 
-            assert (await call(b, "session:leave"))["type"] == "session:left"
+            assert (await b.request("session:leave"))["type"] == "session:left"
             assert (await a.expect("session:peer_left"))["client_id"] == left_b["client_id"]
             limits = [k for k in all_keys(admin) if k.startswith(f"tandem:{{{left['code']}}}:rl:")]
             assert len(limits) == 1 and limits[0].endswith(":" + left["client_id"]), limits  # b's went with b
-            assert (await call(a, "session:leave"))["type"] == "session:left"
+            assert (await a.request("session:leave"))["type"] == "session:left"
             assert [k for k in all_keys(admin) if left["code"] in k] == []
 
             for client in (c, d):
@@ -780,8 +690,8 @@ async def test_password_in_the_url(private_redis: RedisFactory, tandem_factory: 
 
     bad = tandem_factory(data_dir=tmp_path / "bad", REDIS_URL=server.url(password="wrong-password"))
     async with connect(bad) as c:
-        assert_unavailable(await call(c, "session:create"))
-        assert (await call(c, "ping"))["type"] == "pong"  # the socket stays open
+        assert_unavailable(await c.request("session:create"))
+        assert (await c.request("ping"))["type"] == "pong"  # the socket stays open
     assert await status_of(bad, "/health/ready") == 503
     assert await status_of(bad, "/health/live") == 200
     assert bad.proc is not None and bad.proc.poll() is None

@@ -8,16 +8,29 @@ once per session store (`store` in conftest.py): SQLite and Redis.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import orjson
 import pytest
 import trio
-from conftest import STORES, Client, Server, ServerFactory, assert_no_trace, connect, paired, stored
-from trio_websocket import ConnectionClosed, ConnectionRejected
+from helpers import (
+    BOTH_STORES,
+    Client,
+    Server,
+    ServerFactory,
+    assert_alive,
+    assert_ms_near_now,
+    assert_no_trace,
+    connect,
+    frames_until_close,
+    now_ms,
+    paired,
+    resume,
+    stored,
+)
+from trio_websocket import ConnectionRejected
 
-pytestmark = pytest.mark.parametrize("store", STORES, indirect=True)
+pytestmark = BOTH_STORES
 
 CODE_CHARS = frozenset("0123456789ABCDEFGHJKMNPQRSTVWXYZ")
 DATA_KINDS: list[Any] = [
@@ -39,15 +52,6 @@ DATA_KINDS: list[Any] = [
 # --- helpers ------------------------------------------------------------------
 
 
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-def assert_ms_near_now(value: object, slack_ms: int = 60_000) -> None:
-    assert isinstance(value, int) and not isinstance(value, bool), value
-    assert abs(value - now_ms()) < slack_ms, value
-
-
 def assert_valid_code(code: object) -> None:
     assert isinstance(code, str)
     assert 6 <= len(code) <= 12, code
@@ -65,13 +69,6 @@ def clients_of(frame: dict[str, Any]) -> dict[str, bool]:
         result[entry["client_id"]] = entry["online"]
     assert len(result) == len(clients), clients
     return result
-
-
-async def assert_alive(client: Client) -> None:
-    """The connection still answers: ping gets pong with the same id and an integer ts."""
-    reply = await client.request("ping")
-    assert reply["type"] == "pong", reply
-    assert_ms_near_now(reply["ts"])
 
 
 async def expect_error(client: Client, frame: dict[str, Any] | str, code: str, rid: Any = None) -> dict[str, Any]:
@@ -98,28 +95,6 @@ async def expect_message(client: Client, code: str, seq: int, sender: str, data:
     assert frame["data"] == data, frame
     assert type(frame["data"]) is type(data), frame
     assert_ms_near_now(frame["ts"])
-
-
-async def frames_until_close(client: Client, within: float) -> tuple[list[dict[str, Any]], int]:
-    """Read until the server closes the socket: (frames before the close, close code)."""
-    frames: list[dict[str, Any]] = []
-    with trio.fail_after(within):
-        try:
-            while True:
-                frames.append(orjson.loads(await client.ws.get_message()))
-        except ConnectionClosed as closed:
-            assert closed.reason is not None
-            return frames, int(closed.reason.code)
-
-
-async def resume(client: Client, creds: dict[str, Any], last_seq: int) -> dict[str, Any]:
-    return await client.request(
-        "session:resume",
-        code=creds["code"],
-        client_id=creds["client_id"],
-        token=creds["token"],
-        last_seq=last_seq,
-    )
 
 
 def send_frame_of_bytes(size: int) -> str:
@@ -406,7 +381,7 @@ async def test_dropped_member_resumes_and_gets_exactly_the_missed_messages(tande
 
         async with connect(tandem) as b2:
             # b saw seq 1 from a; its own seq 2 is not replayed to it.
-            resumed = await resume(b2, b_creds, 1)
+            resumed = await resume(b2, b_creds, 1, expect_resumed=False)
             assert resumed["type"] == "session:resumed", resumed
             assert resumed["code"] == code and resumed["client_id"] == b_id
             assert resumed["recovered"] is True and resumed["last_seq"] == 5
@@ -425,7 +400,7 @@ async def test_dropped_member_resumes_and_gets_exactly_the_missed_messages(tande
 
         assert (await a.expect("session:presence"))["online"] is False
         async with connect(tandem) as b3:
-            resumed = await resume(b3, b_creds, 99)  # above the newest seq: nothing to replay
+            resumed = await resume(b3, b_creds, 99, expect_resumed=False)  # above the newest seq: nothing to replay
             assert resumed["type"] == "session:resumed", resumed
             assert resumed["recovered"] is True and resumed["last_seq"] == 7
             await b3.nothing()
@@ -448,7 +423,7 @@ async def test_resume_past_history_size_is_not_recovered_and_replays_the_newest(
 
         async with connect(server) as b2:
             creds = {"code": code, "client_id": joined["client_id"], "token": joined["token"]}
-            resumed = await resume(b2, creds, 0)
+            resumed = await resume(b2, creds, 0, expect_resumed=False)
             assert resumed["type"] == "session:resumed", resumed
             assert resumed["recovered"] is False and resumed["last_seq"] == 8
             for seq in range(4, 9):
@@ -462,7 +437,7 @@ async def test_resume_past_history_size_is_not_recovered_and_replays_the_newest(
 async def test_resume_while_online_takes_over_and_closes_the_old_socket_with_1000(tandem: Server) -> None:
     async with paired(tandem) as (a, b, created, joined), connect(tandem) as b2:
         code, b_id = created["code"], joined["client_id"]
-        resumed = await resume(b2, {**joined, "code": code}, 0)
+        resumed = await resume(b2, {**joined, "code": code}, 0, expect_resumed=False)
         assert resumed["type"] == "session:resumed", resumed
         assert resumed["client_id"] == b_id and resumed["last_seq"] == 0 and resumed["recovered"] is True
         assert clients_of(resumed) == {created["client_id"]: True, b_id: True}

@@ -9,11 +9,6 @@ hold (`Gate`) or fail; they run on trio's MockClock (`autojump_clock`), so
 timeouts are exact and a frame that never comes fails the test at once. The
 GroupCommit tests and the two end-to-end tests on the real SqliteStore use
 worker threads, hence trio's real clock.
-
-Four tests here first failed on bugs in relay.py and session_store.py
-(marked "Regression" below): a socket's message seqs carried over from one
-session to the next, failed joins and resumes extended the idle timer, and
-GroupCommit woke the callers of a failed or cancelled batch with None.
 """
 
 from __future__ import annotations
@@ -594,7 +589,7 @@ async def test_takeover_event_detaches_the_named_connection_at_once(autojump_clo
         relay.hub.dispatch(MessageStored(a.code, StoredMessage(7, a.client_id, b'"one"', 0)))
         assert (await b.recv())["seq"] == 7
 
-        # The right one closes it with 1000; an event right after no longer reaches it,
+        # The right one closes it with 1000; an event dispatched right after does not reach it,
         # though its writer sends what was queued before the close.
         relay.hub.dispatch(Takeover(a.code, b.client_id, b.conn.id))
         relay.hub.dispatch(MessageStored(a.code, StoredMessage(8, a.client_id, b'"two"', 0)))
@@ -629,8 +624,8 @@ async def test_ended_without_a_reason_sends_nothing_and_ends_the_membership(auto
 
 
 async def test_messages_reach_a_member_whose_socket_was_in_another_session_before(autojump_clock: MockClock) -> None:
-    """Regression: `delivered_seq` outlived the session, so the next session's
-    messages were dropped until their seq passed the old session's."""
+    """A socket's `delivered_seq` ends with its session: the next session's
+    messages get through though their seqs are below the old session's."""
     async with open_fake_relay() as relay:
         a, b = await pair(relay)
         for i in range(3):
@@ -798,8 +793,8 @@ async def test_the_idle_timer_stops_in_a_session_and_restarts_when_it_is_left(au
 
 @pytest.mark.parametrize("attempt", ["join", "resume"])
 async def test_a_failed_join_or_resume_does_not_extend_the_idle_timer(autojump_clock: MockClock, attempt: str) -> None:
-    """Regression: leaving the session a failed attempt was held in restarted
-    the idle timer (PROTOCOL.md: failed requests do not extend it)."""
+    """A failed attempt leaves the connection in no session without restarting
+    its idle timer (PROTOCOL.md: failed requests do not extend it)."""
     async with open_fake_relay() as relay:
         start = trio.current_time()
         c = await relay.connect()
@@ -1144,7 +1139,7 @@ async def test_group_commit_close_finishes_the_queue_then_refuses_calls() -> Non
 
 
 async def test_group_commit_fails_the_callers_of_a_batch_whose_execute_raised() -> None:
-    """Regression: the batch's callers woke with result None, as if their operations had succeeded."""
+    """The batch's callers get `internal`, not a result of None as if their operations had succeeded."""
     batches: list[list[Any]] = []
 
     def execute(batch: list[Op]) -> None:
@@ -1171,7 +1166,7 @@ async def test_group_commit_fails_the_callers_of_a_batch_whose_execute_raised() 
 
 
 async def test_group_commit_fails_the_callers_of_a_batch_cut_short_by_cancellation() -> None:
-    """Regression: with abandon_on_cancel, the writer cancelled mid-batch woke its callers with None."""
+    """With abandon_on_cancel, a writer cancelled mid-batch fails its callers with `unavailable`, never None."""
     executor = Executor(result_is_payload)
     commit = GroupCommit(executor, ignore, abandon_on_cancel=True)
     outcome: list[object] = []
