@@ -477,6 +477,7 @@ def main() -> int:
             max_message_bytes=config.max_message_bytes,
             ws_compression=config.ws_compression,
             http2_cleartext=config.http2_cleartext,
+            send_timeout=config.send_timeout,
         )
         gc.set_threshold(50_000, 20, 20)
         try:
