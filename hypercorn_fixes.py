@@ -42,6 +42,8 @@ DEFLATE_INPUT_SLACK = 1024
 # a burst of this many, refilled at RESETS_PER_SECOND. A proxy cancelling its
 # clients' requests stays far below; a flood gets GOAWAY and the connection closes.
 MAX_RESET_BURST = 100
+# One write to a peer may wait this long for the peer to read (SEND_TIMEOUT).
+DEFAULT_SEND_TIMEOUT = 10.0
 RESETS_PER_SECOND = 10.0
 
 log = logging.getLogger("tandem")
@@ -54,7 +56,7 @@ class Settings:
     max_message_bytes: int = 65536
     ws_compression: bool = False
     http2_cleartext: bool = False
-    send_timeout: float = 10.0  # one write to a peer, at most
+    send_timeout: float = DEFAULT_SEND_TIMEOUT  # one write to a peer, at most
 
 
 _settings = Settings()
@@ -305,7 +307,7 @@ def install(
     max_message_bytes: int,
     ws_compression: bool,
     http2_cleartext: bool,
-    send_timeout: float = Settings.send_timeout,
+    send_timeout: float = DEFAULT_SEND_TIMEOUT,
     on_crash: CrashCallback | None = None,
 ) -> None:
     """Replace Hypercorn's methods with the ones above, for a server with these settings."""
