@@ -233,6 +233,11 @@ class Config:
         integer(65536, 2**30, "bytes"),
         "bytes queued for one client before it is closed with 1013; at least twice `MAX_MESSAGE_BYTES`",
     )
+    send_timeout: float = setting(
+        10.0,
+        seconds(0.1, 600),
+        "time one write to a client may take; a client that stops reading is disconnected after it",
+    )
     max_consecutive_errors: int = setting(
         20, integer(1, 10_000, "errors"), "client errors in a row before the connection is closed with 1008"
     )

@@ -42,6 +42,8 @@ DEFLATE_INPUT_SLACK = 1024
 # a burst of this many, refilled at RESETS_PER_SECOND. A proxy cancelling its
 # clients' requests stays far below; a flood gets GOAWAY and the connection closes.
 MAX_RESET_BURST = 100
+# One write to a peer may wait this long for the peer to read (SEND_TIMEOUT).
+DEFAULT_SEND_TIMEOUT = 10.0
 RESETS_PER_SECOND = 10.0
 
 log = logging.getLogger("tandem")
@@ -54,6 +56,7 @@ class Settings:
     max_message_bytes: int = 65536
     ws_compression: bool = False
     http2_cleartext: bool = False
+    send_timeout: float = DEFAULT_SEND_TIMEOUT  # one write to a peer, at most
 
 
 _settings = Settings()
@@ -103,20 +106,30 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 
 
 async def _tcp_protocol_send(self: Any, event: Any) -> None:
-    """TCPServer.protocol_send: a send that finds the socket closing closes the connection.
+    """TCPServer.protocol_send: a send that finds the socket closing, or that
+    the peer does not take within SEND_TIMEOUT, closes the connection.
 
     `_close` sends EOF outside `send_lock` and holds trio's send-conflict
     detector across a checkpoint: a ping sent meanwhile gets BusyResourceError,
-    which Hypercorn let escape and end the whole server.
+    which Hypercorn let escape and end the whole server. A send is shielded
+    from cancellation (half a frame would corrupt the stream), so without a
+    timeout of its own a peer that stops reading held the writer, the queue
+    and the connection until the read timeout.
     """
     if not isinstance(event, RawData):
         await _original_protocol_send(self, event)
         return
     async with self.send_lock:
+        stalled = False
         try:
-            with trio.CancelScope(shield=True):
+            with trio.CancelScope(shield=True), trio.move_on_after(_settings.send_timeout) as timeout:
                 await self.stream.send_all(event.data)
+            stalled = timeout.cancelled_caught
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
+            stalled = True
+        if stalled:
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(self.stream)
             await self.protocol.handle(Closed())
 
 
@@ -294,6 +307,7 @@ def install(
     max_message_bytes: int,
     ws_compression: bool,
     http2_cleartext: bool,
+    send_timeout: float = DEFAULT_SEND_TIMEOUT,
     on_crash: CrashCallback | None = None,
 ) -> None:
     """Replace Hypercorn's methods with the ones above, for a server with these settings."""
@@ -302,7 +316,7 @@ def install(
         log.warning(
             "hypercorn_fixes.unchecked", extra={"fields": {"hypercorn": version("hypercorn"), "fixed": FIXED_VERSION}}
         )
-    _settings = Settings(max_message_bytes, ws_compression, http2_cleartext)
+    _settings = Settings(max_message_bytes, ws_compression, http2_cleartext, send_timeout)
     set_crash_callback(on_crash)
     TCPServer.run = _tcp_run  # type: ignore[method-assign]
     TCPServer.protocol_send = _tcp_protocol_send  # type: ignore[method-assign]

@@ -214,9 +214,15 @@ class MemoryLimiter:
         while len(self._keys) > self._max_keys:
             self._keys.popitem(last=False)
 
-    def hit_all(self, keys: Sequence[LimitKey]) -> Refusal | None:
-        """Admit one request under every key, or return the first refusal (nothing counted)."""
-        now = self._clock()
+    def now(self) -> float:
+        return self._clock()
+
+    def hit_all(self, keys: Sequence[LimitKey], now: float | None = None) -> Refusal | None:
+        """Admit one request under every key, or return the first refusal (nothing counted).
+
+        `now` (default: the clock) is the stamp `refund_all` takes back.
+        """
+        now = self._clock() if now is None else now
         for k in keys:
             decision, _ = decide(self._keys.get((k.rule.name, k.key), ()), now, k.rule, consume=False)
             if not decision.allowed:
@@ -225,6 +231,14 @@ class MemoryLimiter:
             slot = (k.rule.name, k.key)
             self._store(slot, decide(self._keys.get(slot, ()), now, k.rule)[1])
         return None
+
+    def refund_all(self, keys: Sequence[LimitKey], stamp: float) -> None:
+        """Take back what `hit_all` counted at `stamp`."""
+        for k in keys:
+            slot = (k.rule.name, k.key)
+            history = self._keys.get(slot)
+            if history is not None:
+                self._keys[slot] = refund(history, stamp)
 
     def hit_now(self, rule: Rule, key: str) -> Decision:
         slot = (rule.name, key)

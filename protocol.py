@@ -1,4 +1,4 @@
-"""Tandem wire protocol v1 (../shared/PROTOCOL.md), sans-IO.
+"""Tandem's wire protocol (PROTOCOL.md: version 1, and `mid` of 1.1), sans-IO.
 
 Text in, typed requests out; typed server frames in, text out. Nothing here
 does I/O, logs or reads a clock. Errors are typed by whose fault they are and
@@ -20,8 +20,9 @@ SUBPROTOCOL: Final = "tandem.v1"
 # Default frame limit of PROTOCOL.md: large enough for any chat or edit payload,
 # small enough that a queue of frames per connection stays cheap.
 DEFAULT_MAX_MESSAGE_BYTES: Final = 65536
-# PROTOCOL.md: an `id` string holds 1 to 64 characters.
+# PROTOCOL.md: an `id` string holds 1 to 64 characters, and so does a `mid`.
 MAX_ID_CHARS: Final = 64
+MAX_MID_CHARS: Final = 64
 # Codes are 6-12 characters of CODE_ALPHABET (PROTOCOL.md).
 MIN_CODE_CHARS: Final = 6
 MAX_CODE_CHARS: Final = 12
@@ -136,6 +137,7 @@ class ResumeSession:
 class SendMessage:
     id: RequestId
     data: bytes  # the `data` value, serialised once as compact JSON
+    mid: str | None = None  # the sender's idempotency key (protocol 1.1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,8 +281,11 @@ def _resume(obj: dict[str, object], request_id: RequestId) -> Request:
 def _send(obj: dict[str, object], request_id: RequestId) -> Request:
     if "data" not in obj:
         raise _FieldError("`data` is required")
+    mid = obj.get("mid")
+    if mid is not None and (not isinstance(mid, str) or not 1 <= len(mid) <= MAX_MID_CHARS):
+        raise _FieldError(f"`mid` must be a string of 1 to {MAX_MID_CHARS} characters, or null")
     try:
-        return SendMessage(request_id, orjson.dumps(obj["data"]))
+        return SendMessage(request_id, orjson.dumps(obj["data"]), mid)
     except orjson.JSONEncodeError:  # orjson writes at most 254 levels of nesting
         raise _FieldError("`data` is nested too deeply") from None
 
@@ -345,6 +350,7 @@ class SessionResumed:
 class MessageAck:
     id: RequestId
     seq: int
+    duplicate: bool = False  # a `mid` already stored: `seq` is the stored message's
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,6 +389,7 @@ class Message:
     sender: str  # `from` on the wire
     data: bytes  # compact JSON, embedded as is
     ts: int
+    mid: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -434,7 +441,7 @@ def _with_id(request_id: RequestId, body: dict[str, object]) -> dict[str, object
 def _payload(frame: ServerFrame) -> dict[str, object]:
     match frame:
         case Message():
-            return {
+            message: dict[str, object] = {
                 "type": "message",
                 "code": frame.code,
                 "seq": frame.seq,
@@ -442,8 +449,14 @@ def _payload(frame: ServerFrame) -> dict[str, object]:
                 "data": orjson.Fragment(frame.data),
                 "ts": frame.ts,
             }
+            if frame.mid is not None:
+                message["mid"] = frame.mid
+            return message
         case MessageAck():
-            return _with_id(frame.id, {"type": "message:ack", "seq": frame.seq})
+            ack: dict[str, object] = {"type": "message:ack", "seq": frame.seq}
+            if frame.duplicate:
+                ack["duplicate"] = True
+            return _with_id(frame.id, ack)
         case SessionCreated():
             return _with_id(
                 frame.id,

@@ -66,10 +66,12 @@ local function refresh(s, h, idle_at, ttl_at, grace)
   local at = math.min(idle_at, ttl_at) + grace
   redis.call('PEXPIREAT', s, int(at))
   redis.call('PEXPIREAT', h, int(at))
+  redis.call('PEXPIREAT', KEYS[4], int(at))  -- the mids, when there are any
 end
 """
 
-# KEYS: session hash, history list, channel. ARGV per script below.
+# KEYS: session hash, history list, channel, mids (redis_scripts.session_keys).
+# ARGV per script below.
 # ARGV: client_id, token_hash, conn_id, idle_ms, ttl_ms, grace
 _CREATE = """
 local now = now_ms()
@@ -122,34 +124,48 @@ end
 return out
 """
 
-# KEYS[4..]: rate-limit keys. ARGV: client_id, conn_id, data, idle_ms, grace,
-# history_size, then (limit, window_ms) per rate-limit key.
-# Returns {seq}, {-1} (no such session or member) or {-9, retry_ms, key index}.
+# KEYS[5..]: rate-limit keys. ARGV: client_id, conn_id, data, idle_ms, grace,
+# history_size, mid ('' for none), then (limit, window_ms) per rate-limit key.
+# Returns {seq}, {seq, 1} (a duplicate `mid`: nothing stored or counted),
+# {-1} (no such session or member) or {-9, retry_ms, key index}.
+# A history entry (and a message event's fields) is seq|ts|from|#mid|mid|data.
 _APPEND = """
 local now = now_ms()
-local cid = ARGV[1]
+local cid, mid = ARGV[1], ARGV[7]
 local v = redis.call('HMGET', KEYS[1], 'idle_at', 'ttl_at', 'o:' .. cid)
 if not v[1] or tonumber(v[1]) <= now or tonumber(v[2]) <= now or v[3] ~= ARGV[2] then return {-1} end
-for i = 4, #KEYS do
-  local limit, window = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
+if mid ~= '' then
+  local stored = redis.call('HGET', KEYS[4], cid .. '|' .. mid)
+  if stored then return {tonumber(stored), 1} end
+end
+for i = 5, #KEYS do
+  local limit, window = tonumber(ARGV[2 * i - 2]), tonumber(ARGV[2 * i - 1])
   local recent = window_recent(KEYS[i], limit, window, now)
-  if #recent >= limit then return {-9, recent[limit] + window - now, i - 3} end
+  if #recent >= limit then return {-9, recent[limit] + window - now, i - 4} end
 end
 local own = string.sub(KEYS[1], 1, -2)  -- 'tandem:{code}:'
-for i = 4, #KEYS do
-  window_add(KEYS[i], tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i]), now)
+for i = 5, #KEYS do
+  window_add(KEYS[i], tonumber(ARGV[2 * i - 2]), tonumber(ARGV[2 * i - 1]), now)
   if string.sub(KEYS[i], 1, #own) == own then redis.call('HSETNX', KEYS[1], 'k:' .. KEYS[i], 1) end
 end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local idle_at = now + tonumber(ARGV[4])
 redis.call('HSET', KEYS[1], 'idle_at', int(idle_at))
+local entry = int(seq) .. '|' .. int(now) .. '|' .. cid .. '|' .. #mid .. '|' .. mid .. '|' .. ARGV[3]
+if mid ~= '' then redis.call('HSET', KEYS[4], cid .. '|' .. mid, int(seq)) end
 local size = tonumber(ARGV[6])
-if redis.call('RPUSH', KEYS[2], int(seq) .. '|' .. int(now) .. '|' .. cid .. '|' .. ARGV[3]) > size then
+local length = redis.call('RPUSH', KEYS[2], entry)
+if length > size then
+  -- The mids of the messages leaving history are forgotten with them.
+  for _, old in ipairs(redis.call('LRANGE', KEYS[2], 0, length - size - 1)) do
+    local from, n, rest = string.match(old, '^%d+|%d+|([^|]*)|(%d+)|(.*)$')
+    if from and tonumber(n) > 0 then redis.call('HDEL', KEYS[4], from .. '|' .. string.sub(rest, 1, tonumber(n))) end
+  end
   redis.call('LTRIM', KEYS[2], -size, -1)
   redis.call('HSET', KEYS[1], 'trim', int(seq - size))
 end
 refresh(KEYS[1], KEYS[2], idle_at, tonumber(v[2]), tonumber(ARGV[5]))
-emit('m', int(seq), int(now), cid, ARGV[3])
+emit('m', entry)
 return {seq}
 """
 
@@ -163,7 +179,7 @@ for _, id in ipairs(split(redis.call('HGET', KEYS[1], 'r'))) do
 end
 if #rest == 0 then
   drop_limits(KEYS[1], nil)
-  redis.call('DEL', KEYS[1], KEYS[2])
+  redis.call('DEL', KEYS[1], KEYS[2], KEYS[4])
   return 1
 end
 drop_limits(KEYS[1], cid)
@@ -191,7 +207,7 @@ local idle_at, ttl_at = tonumber(v[1]), tonumber(v[2])
 if math.min(idle_at, ttl_at) > now then return {0, math.min(idle_at, ttl_at)} end
 local reason = ttl_at <= idle_at and 'ttl' or 'idle'
 drop_limits(KEYS[1], nil)
-redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[4])
 emit('e', reason)
 return {1, reason}
 """
@@ -221,8 +237,10 @@ SCRIPTS = {
 
 
 def session_keys(code: str) -> list[str]:
-    """The keys (and shard channel) of one session; all in the slot of `{code}`."""
-    return [f"tandem:{{{code}}}:s", f"tandem:{{{code}}}:h", f"tandem:{{{code}}}:c"]
+    """The keys (and shard channel) of one session, all in the slot of `{code}`:
+    the session hash, the history list, the channel, the members' mids (seq by
+    client_id|mid, for the messages in history)."""
+    return [f"tandem:{{{code}}}:s", f"tandem:{{{code}}}:h", f"tandem:{{{code}}}:c", f"tandem:{{{code}}}:d"]
 
 
 def channel(code: str) -> str:
@@ -230,7 +248,13 @@ def channel(code: str) -> str:
 
 
 def stored_message(entry: bytes) -> StoredMessage:
-    """A history entry (and a message event's fields): seq|ts|from|data."""
+    """A history entry (and a message event's fields): seq|ts|from|#mid|mid|data
+    (and seq|ts|from|data, written before `mid` existed)."""
+    parts = entry.split(b"|", 4)
+    if len(parts) == 5 and parts[3].isdigit():
+        seq, ts, sender, size, rest = parts
+        n = int(size)
+        return StoredMessage(int(seq), sender.decode(), rest[n + 1 :], int(ts), rest[:n].decode() if n else None)
     seq, ts, sender, data = entry.split(b"|", 3)
     return StoredMessage(int(seq), sender.decode(), data, int(ts))
 

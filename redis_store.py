@@ -32,6 +32,7 @@ from redis_listener import Listener, ListenerCollector
 from redis_scripts import SCRIPTS, members, session_keys, stored_message
 from session_store import (
     CODE_ATTEMPTS,
+    Appended,
     Created,
     Dispatch,
     Ended,
@@ -281,25 +282,21 @@ class RedisStore(SessionStore):
         data: bytes,
         now: int,
         limits: Sequence[LimitKey] = (),
-    ) -> int:
+        mid: str | None = None,
+    ) -> Appended:
         # Limits go into the append script (one round trip) when their keys can
         # share its hash slot: a member's are kept beside the session; on a
         # cluster the others (per IP) need a check of their own first.
         folded = [k for k in limits if k.per_session or not self.cluster]
+        apart: list[tuple[LimitKey, float]] = []
         for k in limits:
             if k not in folded:
                 decision = await self.limiter.hit(k.rule, k.key)
                 if not decision.allowed:
                     raise rate_limited(k.rule.name, decision.retry_after)
+                apart.append((k, decision.stamp))
         keys = session_keys(code)
-        args: list[Any] = [
-            client_id,
-            conn_id,
-            data,
-            self._idle_ms,
-            KEY_GRACE_MS,
-            self._history,
-        ]
+        args: list[Any] = [client_id, conn_id, data, self._idle_ms, KEY_GRACE_MS, self._history, mid or ""]
         for k in folded:
             keys.append(f"tandem:{{{code}}}:rl:{k.rule.name}:{k.key}" if k.per_session else redis_key(k.rule, k.key))
             args += [k.rule.limit, round(k.rule.window * 1000)]
@@ -308,7 +305,11 @@ class RedisStore(SessionStore):
             raise not_found()
         if result[0] == -9:
             raise rate_limited(folded[int(result[2]) - 1].rule.name, float(result[1]) / 1000)
-        return int(result[0])
+        duplicate = len(result) > 1
+        if duplicate:  # nothing new: it costs no message budget
+            for k, stamp in apart:
+                await self.limiter.refund(k.rule, k.key, stamp)
+        return Appended(int(result[0]), duplicate)
 
     @timed("leave")
     async def leave(self, code: str, client_id: str, conn_id: str, now: int) -> bool:

@@ -141,7 +141,7 @@ class Hub:
             case MessageStored(code, m):
                 members = self.sessions.get(code)
                 if members:
-                    text = protocol.serialize(protocol.Message(code, m.seq, m.sender, m.data, m.ts))
+                    text = protocol.serialize(protocol.Message(code, m.seq, m.sender, m.data, m.ts, m.mid))
                     for conn in tuple(members):
                         if conn.client_id != m.sender:
                             conn.deliver(text, m.seq)
@@ -403,12 +403,12 @@ class Connection:
         code, client_id = self._membership()
         limits = self.services.message_limits(client_id, self.ip_key)
         now = now_ms()
-        seq = await self.store.append(code, client_id, self.id, request.data, now, limits)
+        appended = await self.store.append(code, client_id, self.id, request.data, now, limits, request.mid)
         self.messages_in += 1
-        self.push(protocol.serialize(protocol.MessageAck(request.id, seq)))
-        self.services.report(
-            lifecycle.MessageAcked(code, seq, client_id, request.data, now, time.perf_counter() - started)
-        )
+        self.push(protocol.serialize(protocol.MessageAck(request.id, appended.seq, appended.duplicate)))
+        if not appended.duplicate:
+            seconds = time.perf_counter() - started
+            self.services.report(lifecycle.MessageAcked(code, appended.seq, client_id, request.data, now, seconds))
 
     async def _create(self, request: protocol.CreateSession) -> None:
         self._require_no_session()
@@ -527,7 +527,8 @@ class Connection:
         self.push(protocol.serialize(reply))
         code = self.code or ""
         for stored in history:
-            self.push(protocol.serialize(protocol.Message(code, stored.seq, stored.sender, stored.data, stored.ts)))
+            message = protocol.Message(code, stored.seq, stored.sender, stored.data, stored.ts, stored.mid)
+            self.push(protocol.serialize(message))
         self.delivered_seq = max(self.delivered_seq, last_seq)
         for text, seq, ends in held:
             if ends:

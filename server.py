@@ -9,12 +9,22 @@ fails, new sockets are refused, open ones close with 1012.
 
 from __future__ import annotations
 
+import signal
+
+# Run as a program, a shutdown signal that arrives while the modules below
+# load (about half a second) is kept for main(): the process then exits 0
+# instead of dying of the signal.
+SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+EARLY_SIGNALS: list[int] = []
+if __name__ == "__main__":
+    for _signum in SHUTDOWN_SIGNALS:
+        signal.signal(_signum, lambda received, _frame: EARLY_SIGNALS.append(received))
+
 import gc
 import ipaddress
 import logging
 import math
 import secrets
-import signal
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -338,22 +348,21 @@ async def _collector(full_interval: float) -> None:
             gc.collect(1)
 
 
-async def _drain_on_signal(tandem: Tandem) -> None:
+async def _drain_on_signal(tandem: Tandem, signals: AsyncIterator[int]) -> None:
     """Hypercorn's shutdown trigger: returns once the drain is done.
 
     Readiness fails first; PRE_DRAIN_DELAY later (a second signal cuts it
     short), when load balancers have stopped sending clients, the drain starts.
     """
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            log.info("shutdown.start", extra={"fields": {"signal": signal.Signals(signum).name}})
-            break
-        tandem.health.stop()
-        started = time.monotonic()
-        if tandem.config.pre_drain_delay > 0:
-            with trio.move_on_after(tandem.config.pre_drain_delay):
-                async for _ in signals:
-                    break
+    async for signum in signals:
+        log.info("shutdown.start", extra={"fields": {"signal": signal.Signals(signum).name}})
+        break
+    tandem.health.stop()
+    started = time.monotonic()
+    if tandem.config.pre_drain_delay > 0:
+        with trio.move_on_after(tandem.config.pre_drain_delay):
+            async for _ in signals:
+                break
     pre_drain = time.monotonic() - started
     tandem.draining = True
     tandem.hub.close_all(CloseCode.SERVICE_RESTART)
@@ -430,12 +439,26 @@ async def lifespan(config: Config) -> AsyncIterator[Tandem]:
             nursery.cancel_scope.cancel()
 
 
-async def run(config: Config) -> None:
+async def run(config: Config, early: list[int] | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then drain. `early`: signals that came
+    before the event loop ran (`main` records them); the process then exits 0."""
+    # Caught from the first moment: a signal while the services open or while
+    # Hypercorn binds waits for the drain, instead of killing the process.
+    with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
+        if early:
+            log.info("shutdown.start", extra={"fields": {"signal": signal.Signals(early[0]).name, "early": True}})
+            log.info("shutdown.complete")
+            return
+        await _serve(config, signals)
+    log.info("shutdown.complete")
+
+
+async def _serve(config: Config, signals: AsyncIterator[int]) -> None:
     async with lifespan(config) as tandem:
         hypercorn_fixes.set_crash_callback(lambda exc: tandem.metrics.connection_crashes.inc())
         app = create_app(tandem)
         async with trio.open_nursery() as nursery:
-            trigger = partial(_drain_on_signal, tandem)
+            trigger = partial(_drain_on_signal, tandem, signals)
             serve = partial(hypercorn.trio.serve, app, hypercorn_config(config), shutdown_trigger=trigger)  # type: ignore[arg-type]
             binds = await nursery.start(serve)
             # Start-up garbage is permanent: move it out of the collector's
@@ -445,7 +468,6 @@ async def run(config: Config) -> None:
             metrics_address = binds.pop() if config.metrics_address else None  # the last bind (hypercorn_config)
             fields = {"addresses": binds, "metrics_address": metrics_address, "data_dir": str(config.data_dir)}
             log.info("server.listening", extra={"fields": fields})
-    log.info("shutdown.complete")
 
 
 def _environment_failure(exc: BaseException) -> BaseException | None:
@@ -473,14 +495,17 @@ def main() -> int:
         if sys.argv[1:]:
             print("usage: python server.py [migrate]", file=sys.stderr)
             return 2
+        for signum in SHUTDOWN_SIGNALS:  # until the event loop takes over (`run`)
+            signal.signal(signum, lambda received, _frame: EARLY_SIGNALS.append(received))
         hypercorn_fixes.install(
             max_message_bytes=config.max_message_bytes,
             ws_compression=config.ws_compression,
             http2_cleartext=config.http2_cleartext,
+            send_timeout=config.send_timeout,
         )
         gc.set_threshold(50_000, 20, 20)
         try:
-            trio.run(run, config)
+            trio.run(run, config, EARLY_SIGNALS)
         except BaseException as exc:
             failure = _environment_failure(exc)
             if failure is None:

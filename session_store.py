@@ -49,6 +49,13 @@ class StoredMessage:
     sender: str
     data: bytes  # the `data` value as compact JSON
     ts: int
+    mid: str | None = None  # the sender's idempotency key, if it gave one
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    seq: int
+    duplicate: bool  # the member's `mid` was stored already: nothing new was stored
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,10 +225,21 @@ class SessionStore(ABC):
 
     @abstractmethod
     async def append(
-        self, code: str, client_id: str, conn_id: str, data: bytes, now: int, limits: Sequence[LimitKey] = ()
-    ) -> int:
+        self,
+        code: str,
+        client_id: str,
+        conn_id: str,
+        data: bytes,
+        now: int,
+        limits: Sequence[LimitKey] = (),
+        mid: str | None = None,
+    ) -> Appended:
         """Store a message durably and return its seq; `rate_limited` (nothing
-        stored, nothing counted) if any of `limits` refuses it."""
+        stored, nothing counted) if any of `limits` refuses it.
+
+        With a `mid` the member already used for a message still in history,
+        nothing is stored or counted: that message's seq, `duplicate`.
+        """
 
     @abstractmethod
     async def leave(self, code: str, client_id: str, conn_id: str, now: int) -> bool:

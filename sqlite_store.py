@@ -23,6 +23,7 @@ from protocol import ClientError, ErrorCode, Member, ServerError
 from session_store import (
     CODE_ATTEMPTS,
     MAX_MEMBERS,
+    Appended,
     Created,
     Dispatch,
     Ended,
@@ -74,8 +75,14 @@ CREATE TABLE IF NOT EXISTS messages (
     sender TEXT NOT NULL,
     data   BLOB NOT NULL,
     ts     INTEGER NOT NULL,
+    mid    TEXT,                 -- the sender's idempotency key, if it gave one
     PRIMARY KEY (code, seq)
 ) WITHOUT ROWID;
+"""
+# Run after SCHEMA (and after adding `mid` to a file made before it existed):
+# a member's `mid` names one stored message.
+MID_INDEX = """
+CREATE UNIQUE INDEX IF NOT EXISTS messages_mid ON messages (code, sender, mid) WHERE mid IS NOT NULL;
 """
 
 
@@ -184,10 +191,10 @@ class SqliteStore(SessionStore):
     @staticmethod
     def _messages(db: sqlite3.Connection, code: str, after: int, skip_sender: str = "") -> tuple[StoredMessage, ...]:
         rows = db.execute(
-            "SELECT seq, sender, data, ts FROM messages WHERE code = ? AND seq > ? AND sender != ? ORDER BY seq",
+            "SELECT seq, sender, data, ts, mid FROM messages WHERE code = ? AND seq > ? AND sender != ? ORDER BY seq",
             (code, after, skip_sender),
         ).fetchall()
-        return tuple(StoredMessage(seq, sender, bytes(data), ts) for seq, sender, data, ts in rows)
+        return tuple(StoredMessage(seq, sender, bytes(data), ts, mid) for seq, sender, data, ts, mid in rows)
 
     @timed("create")
     async def create(
@@ -270,13 +277,27 @@ class SqliteStore(SessionStore):
         return await self._call(run)
 
     async def append(
-        self, code: str, client_id: str, conn_id: str, data: bytes, now: int, limits: Sequence[LimitKey] = ()
-    ) -> int:
-        refused = self.limiter.hit_all(limits)  # in memory: this process is the only one
+        self,
+        code: str,
+        client_id: str,
+        conn_id: str,
+        data: bytes,
+        now: int,
+        limits: Sequence[LimitKey] = (),
+        mid: str | None = None,
+    ) -> Appended:
+        stamp = self.limiter.now()
+        refused = self.limiter.hit_all(limits, stamp)  # in memory: this process is the only one
         if refused is not None:
             raise rate_limited(refused.rule, refused.decision.retry_after)
 
-        def run(db: sqlite3.Connection, events: list[Event]) -> int:
+        def run(db: sqlite3.Connection, events: list[Event]) -> Appended:
+            if mid is not None:
+                stored = db.execute(
+                    "SELECT seq FROM messages WHERE code = ? AND sender = ? AND mid = ?", (code, client_id, mid)
+                ).fetchone()
+                if stored is not None and self._member_here(db, code, client_id, conn_id, now):
+                    return Appended(stored[0], duplicate=True)
             row = db.execute(
                 "UPDATE sessions SET last_seq = last_seq + 1, idle_at = ?"
                 " WHERE code = ? AND idle_at > ? AND ttl_at > ? AND EXISTS"
@@ -288,17 +309,32 @@ class SqliteStore(SessionStore):
                 raise not_found()
             seq, trimmed = row
             db.execute(
-                "INSERT INTO messages (code, seq, sender, data, ts) VALUES (?, ?, ?, ?, ?)",
-                (code, seq, client_id, data, now),
+                "INSERT INTO messages (code, seq, sender, data, ts, mid) VALUES (?, ?, ?, ?, ?, ?)",
+                (code, seq, client_id, data, now, mid),
             )
             drop_to = seq - self._history
             if drop_to > trimmed:
                 db.execute("DELETE FROM messages WHERE code = ? AND seq <= ?", (code, drop_to))
                 db.execute("UPDATE sessions SET trimmed_seq = ? WHERE code = ?", (drop_to, code))
-            events.append(MessageStored(code, StoredMessage(seq, client_id, data, now)))
-            return seq  # type: ignore[no-any-return]
+            events.append(MessageStored(code, StoredMessage(seq, client_id, data, now, mid)))
+            return Appended(seq, duplicate=False)
 
-        return await self._call(run)
+        appended = await self._call(run)
+        if appended.duplicate:  # nothing new: it costs no message budget
+            self.limiter.refund_all(limits, stamp)
+        return appended
+
+    @staticmethod
+    def _member_here(db: sqlite3.Connection, code: str, client_id: str, conn_id: str, now: int) -> bool:
+        """The member is online on `conn_id` in a live session (what an append requires)."""
+        return (
+            db.execute(
+                "SELECT 1 FROM sessions JOIN members USING (code) WHERE code = ? AND idle_at > ? AND ttl_at > ?"
+                " AND client_id = ? AND conn_id = ?",
+                (code, now, now, client_id, conn_id),
+            ).fetchone()
+            is not None
+        )
 
     @timed("leave")
     async def leave(self, code: str, client_id: str, conn_id: str, now: int) -> bool:
@@ -387,6 +423,10 @@ def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
     db.execute("PRAGMA foreign_keys = ON")
     db.execute("PRAGMA busy_timeout = 5000")
     db.executescript(SCHEMA)
+    columns = {row[1] for row in db.execute("PRAGMA table_info(messages)")}
+    if "mid" not in columns:  # a file from before `mid`: its messages have none
+        db.execute("ALTER TABLE messages ADD COLUMN mid TEXT")
+    db.executescript(MID_INDEX)
     # This process owns the file (see _exclusive_lock): no connection of an
     # earlier process survives it, so every member starts offline.
     db.execute("UPDATE members SET conn_id = NULL WHERE conn_id IS NOT NULL")

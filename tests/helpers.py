@@ -219,7 +219,7 @@ def stored(server: Server, code: str) -> dict[str, int]:
         return _sqlite_rows(server, [code])
     from redis_scripts import session_keys
 
-    session, history, _channel = session_keys(code)
+    session, history = session_keys(code)[:2]
     client = redis_client(server)
     try:
         fields: list[bytes] = client.hkeys(session)  # type: ignore[assignment]

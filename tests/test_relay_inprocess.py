@@ -37,6 +37,7 @@ from protocol import ClientError, ErrorCode, Member, ServerError, TandemError
 from relay import Connection, Hub, Services
 from session_store import (
     MAX_MEMBERS,
+    Appended,
     Created,
     Dispatch,
     Ended,
@@ -251,8 +252,15 @@ class FakeStore(SessionStore):
         return resumed
 
     async def append(
-        self, code: str, client_id: str, conn_id: str, data: bytes, now: int, limits: Sequence[LimitKey] = ()
-    ) -> int:
+        self,
+        code: str,
+        client_id: str,
+        conn_id: str,
+        data: bytes,
+        now: int,
+        limits: Sequence[LimitKey] = (),
+        mid: str | None = None,
+    ) -> Appended:
         await self._enter("append")
         refused = self.limiter.hit_all(limits)
         if refused is not None:
@@ -262,7 +270,7 @@ class FakeStore(SessionStore):
             raise not_found()
         seq = self.commit_message(code, client_id, data, now).seq
         self._commit("append", [])
-        return seq
+        return Appended(seq, duplicate=False)
 
     async def leave(self, code: str, client_id: str, conn_id: str, now: int) -> bool:
         await self._enter("leave")
