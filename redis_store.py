@@ -28,6 +28,7 @@ from prometheus_client.registry import CollectorRegistry
 import redis_client
 from limiter import LimitKey, RedisLimiter, rate_limited, redis_key
 from protocol import ClientError, ErrorCode, ServerError
+from redis_instances import Instances
 from redis_listener import Listener, ListenerCollector
 from redis_scripts import SCRIPTS, members, session_keys, stored_message
 from session_store import (
@@ -36,6 +37,8 @@ from session_store import (
     Created,
     Dispatch,
     Ended,
+    Event,
+    Evicted,
     GroupCommit,
     Joined,
     Op,
@@ -98,7 +101,10 @@ class RedisStore(SessionStore):
         self._shas = {name: _sha1(body) for name, body in SCRIPTS.items()}
         self.writer = GroupCommit(self._execute, dispatch, abandon_on_cancel=True)
         self.limiter = RedisLimiter(client, fail_closed=fail_closed)
-        self.listener = Listener(client, dispatch, self._replay)
+        self.listener = Listener(client, self._event, self._replay)
+        self.instances = Instances(client, self._reaped, lambda: dispatch(Evicted()))
+        # Members online here, by session: their entries in this instance's set.
+        self._here: dict[str, dict[str, str]] = {}
 
     @classmethod
     @asynccontextmanager
@@ -128,8 +134,16 @@ class RedisStore(SessionStore):
                 nursery.start_soon(store.writer.run)
                 nursery.start_soon(store.listener.run)
                 try:
-                    yield store
+                    async with trio.open_nursery() as beating:
+                        beating.start_soon(store.instances.run)
+                        try:
+                            yield store
+                        finally:
+                            beating.cancel_scope.cancel()
                 finally:
+                    with trio.move_on_after(redis_client.CALL_TIMEOUT_S) as leaving:
+                        leaving.shield = True  # the last beat is gone: this instance leaves the others
+                        await store.instances.leave()
                     store.writer.close()
                     store.listener.stop()
                     nursery.cancel_scope.deadline = trio.current_time() + redis_client.SOCKET_TIMEOUT_S
@@ -218,6 +232,7 @@ class RedisStore(SessionStore):
                 KEY_GRACE_MS,
             )
             if result[0] == 1:
+                await self._online(code, client_id, conn_id)
                 return Created(code, int(result[1]))
         raise ServerError("could not draw a free session code", ErrorCode.INTERNAL)
 
@@ -237,6 +252,7 @@ class RedisStore(SessionStore):
             raise not_found()
         if status == -3:
             raise session_full()
+        await self._online(code, client_id, conn_id)
         return Joined(
             members(result[1]),
             int(status),
@@ -267,6 +283,7 @@ class RedisStore(SessionStore):
         if status in (-1, -4):  # no such session, wrong credentials: one answer
             raise no_such_member()
         replay = tuple(m for m in map(stored_message, result[3:]) if m.sender != client_id)
+        await self._online(code, client_id, conn_id)
         return Resumed(
             members(result[2]),
             int(status),
@@ -316,8 +333,9 @@ class RedisStore(SessionStore):
         result = await self._run("leave", code, client_id, conn_id)
         if result == -5:
             raise ClientError("not a member of that session", ErrorCode.NOT_IN_SESSION)
+        await self._offline(code, client_id, conn_id)
         if result == 1:
-            self._dispatch(Ended(code, None))
+            self._event(Ended(code, None))
             # Its entry in the expiry index goes too (nothing of an ended
             # session stays); if Redis fails here, the sweeper drops it at the deadline.
             with contextlib.suppress(ServerError):
@@ -326,6 +344,32 @@ class RedisStore(SessionStore):
 
     @timed("disconnect")
     async def disconnect(self, code: str, client_id: str, conn_id: str, now: int) -> None:
+        await self._run("disconnect", code, client_id, conn_id)
+        await self._offline(code, client_id, conn_id)
+
+    # -- members online here, for the other instances to reap if this one dies --
+
+    async def _online(self, code: str, client_id: str, conn_id: str) -> None:
+        self._here.setdefault(code, {})[client_id] = conn_id
+        await self.instances.online(code, client_id, conn_id)
+
+    async def _offline(self, code: str, client_id: str, conn_id: str) -> None:
+        members = self._here.get(code, {})
+        if members.get(client_id) == conn_id:
+            del members[client_id]
+            if not members:
+                self._here.pop(code, None)
+        await self.instances.offline(code, client_id, conn_id)
+
+    def _event(self, event: Event) -> None:
+        """Every event the store reports goes through here to the hub."""
+        if isinstance(event, Ended):  # its members here are in no session now
+            for client_id, conn_id in self._here.pop(event.code, {}).items():
+                self.instances.forget(event.code, client_id, conn_id)
+        self._dispatch(event)
+
+    async def _reaped(self, code: str, client_id: str, conn_id: str) -> None:
+        """A member of a dead instance: offline, and its peer told, if that connection still holds it."""
         await self._run("disconnect", code, client_id, conn_id)
 
     @timed("sweep")

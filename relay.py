@@ -31,6 +31,7 @@ from protocol import CloseCode, ErrorCode
 from session_store import (
     Ended,
     Event,
+    Evicted,
     Joined,
     MessageStored,
     Paired,
@@ -160,6 +161,8 @@ class Hub:
                 notice = None if reason is None else protocol.serialize(protocol.SessionExpired(code, reason))
                 for conn in self.sessions.pop(code, []):
                     conn.end_session(notice)
+            case Evicted():
+                self.close_all(CloseCode.SERVICE_RESTART)
 
     def _tell(self, code: str, frame: protocol.ServerFrame, exclude: str | None = None) -> None:
         members = self.sessions.get(code)

@@ -133,7 +133,13 @@ class Ended:
     reason: str | None
 
 
-Event = MessageStored | Paired | PresenceChanged | PeerLeft | Takeover | Ended
+@dataclass(frozen=True, slots=True)
+class Evicted:
+    """This instance was declared dead by the others (it was paused, or cut
+    off): its members are offline there, so every socket here closes (1012)."""
+
+
+Event = MessageStored | Paired | PresenceChanged | PeerLeft | Takeover | Ended | Evicted
 Dispatch = Callable[[Event], None]
 
 
