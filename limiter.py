@@ -1,14 +1,10 @@
-"""Rate limits: pure sliding-window decisions, kept in memory or in Redis.
+"""Limits per client: who it is (its address, through trusted proxies), how many
+sockets it holds, and rate limits as sliding-window logs in memory or in Redis.
 
-The window is a sliding-window log: a key keeps the times of its last `limit`
-admitted requests, and a request is admitted when fewer than `limit` of them
-fall in the last `window` seconds. Unlike a sliding-window counter (which
-interpolates) or GCRA (which admits a burst and then a steady rate, so 11 in
-a 60 s span for "10 per 60 s"), it never admits more than `limit` in any span
-of `window` seconds, and `retry_after` is exact; it costs `limit` timestamps
-per key, which is small for these limits. `decide` is the rule with the clock
-passed in; MemoryLimiter and the Lua in RedisLimiter both follow it, and one
-table of cases in the tests checks both.
+A key keeps the times of its last `limit` admitted requests, so no span of
+`window` seconds admits more than `limit` (a counter interpolates, GCRA admits
+a burst) and `retry_after` is exact. `decide` is the rule with the clock passed
+in; MemoryLimiter and RedisLimiter's Lua both follow it, checked by one table.
 """
 
 from __future__ import annotations
@@ -25,10 +21,13 @@ from typing import Any, Protocol
 
 import redis
 import redis.cluster
+from starlette.types import Scope
 
 import redis_client
 from logging_setup import Outage
 from protocol import ClientError, ErrorCode, ServerError
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 log = logging.getLogger("tandem.limiter")
 
@@ -81,6 +80,62 @@ def address_block(ip: str, ipv6_prefix: int = IPV6_BLOCK) -> str:
             return str(address.ipv4_mapped)
         return str(ipaddress.IPv6Network((address, ipv6_prefix), strict=False))
     return str(address)
+
+
+def client_ip(scope: Scope, trusted: tuple[Network, ...]) -> str:
+    """The socket's peer, or with a trusted proxy as peer, the nearest untrusted
+    address of X-Forwarded-For (read from the right)."""
+    client = scope.get("client")
+    peer = str(client[0]) if client else "unknown"
+    if not trusted or not _is_trusted(peer, trusted):
+        return peer
+    forwarded: list[str] = [
+        value.decode("latin-1") for name, value in scope.get("headers", []) if name == b"x-forwarded-for"
+    ]
+    hops: list[str] = [hop.strip() for value in forwarded for hop in value.split(",") if hop.strip()]
+    for hop in reversed(hops):
+        if not _is_trusted(hop, trusted):
+            return hop
+    return hops[0] if hops else peer
+
+
+def _is_trusted(address: str, trusted: tuple[Network, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in trusted)
+
+
+class SocketCount:
+    """Open WebSockets, in total and per address (a limiter pseudonym).
+
+    A socket counts from before its upgrade until it closes; `open` refuses
+    one past MAX_SOCKETS or MAX_SOCKETS_IP (0: no cap), before any work is done.
+    """
+
+    def __init__(self, total: int, per_address: int) -> None:
+        self.total_cap = total
+        self.per_address_cap = per_address
+        self.total = 0
+        self.by_address: dict[str, int] = {}
+
+    def open(self, address: str) -> str | None:
+        """Count one socket of `address`; or return the name of the cap it would pass."""
+        if self.total_cap and self.total >= self.total_cap:
+            return "max_sockets"
+        held = self.by_address.get(address, 0)
+        if self.per_address_cap and held >= self.per_address_cap:
+            return "max_sockets_ip"
+        self.total += 1
+        self.by_address[address] = held + 1
+        return None
+
+    def close(self, address: str) -> None:
+        self.total -= 1
+        held = self.by_address.pop(address) - 1
+        if held:
+            self.by_address[address] = held
 
 
 class Pseudonyms:

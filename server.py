@@ -41,7 +41,6 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
-from starlette.types import Scope
 from starlette.websockets import WebSocket
 
 import config as config_module
@@ -53,7 +52,7 @@ import metrics
 import protocol
 from archive import Recorder, open_archive
 from config import Config
-from limiter import IPV6_SITE, Decision, Limiter, Limits, Pseudonyms, Rule
+from limiter import IPV6_SITE, Decision, Limiter, Limits, Pseudonyms, Rule, SocketCount, client_ip
 from migrations import migrate_command
 from protocol import CloseCode, ErrorCode
 from redis_store import RedisStore
@@ -147,62 +146,6 @@ def limits_from_config(config: Config) -> Limits:
         code_failures=rule("code_failures", config.rate_limit_code_failures),
         api_ip=rule("api_ip", config.rate_limit_api_ip),
     )
-
-
-def client_ip(scope: Scope, trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> str:
-    """The socket's peer, or with a trusted proxy as peer, the nearest untrusted
-    address of X-Forwarded-For (read from the right)."""
-    client = scope.get("client")
-    peer = str(client[0]) if client else "unknown"
-    if not trusted or not _is_trusted(peer, trusted):
-        return peer
-    forwarded: list[str] = [
-        value.decode("latin-1") for name, value in scope.get("headers", []) if name == b"x-forwarded-for"
-    ]
-    hops: list[str] = [hop.strip() for value in forwarded for hop in value.split(",") if hop.strip()]
-    for hop in reversed(hops):
-        if not _is_trusted(hop, trusted):
-            return hop
-    return hops[0] if hops else peer
-
-
-def _is_trusted(address: str, trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return any(ip in network for network in trusted)
-
-
-class SocketCount:
-    """Open WebSockets, in total and per address (a limiter pseudonym).
-
-    A socket counts from before its upgrade until it closes; `open` refuses
-    one past MAX_SOCKETS or MAX_SOCKETS_IP (0: no cap), before any work is done.
-    """
-
-    def __init__(self, total: int, per_address: int) -> None:
-        self.total_cap = total
-        self.per_address_cap = per_address
-        self.total = 0
-        self.by_address: dict[str, int] = {}
-
-    def open(self, address: str) -> str | None:
-        """Count one socket of `address`; or return the name of the cap it would pass."""
-        if self.total_cap and self.total >= self.total_cap:
-            return "max_sockets"
-        held = self.by_address.get(address, 0)
-        if self.per_address_cap and held >= self.per_address_cap:
-            return "max_sockets_ip"
-        self.total += 1
-        self.by_address[address] = held + 1
-        return None
-
-    def close(self, address: str) -> None:
-        self.total -= 1
-        held = self.by_address.pop(address) - 1
-        if held:
-            self.by_address[address] = held
 
 
 def _error_response(status: int, code: ErrorCode, message: str, headers: dict[str, str] | None = None) -> Response:
