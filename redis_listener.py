@@ -27,7 +27,7 @@ from prometheus_client.registry import Collector
 import redis_client
 from protocol import ServerError
 from redis_scripts import channel, parse_event
-from session_store import Dispatch, Ended, MessageStored, StoredMessage
+from session_store import Dispatch, Ended, MessageStored, SessionState, StoredMessage
 
 log = logging.getLogger("tandem.redis")
 
@@ -53,15 +53,15 @@ class ListenerStats:
 class Listener:
     """The subscriptions of this instance, kept by one thread.
 
-    `replay(code)` is the session's stored history, or None once the session
-    is gone: what a reconnect sends the members here.
+    `replay(code)` is the session's stored history and its state now, or None
+    once the session is gone: what a reconnect sends the members here.
     """
 
     def __init__(
         self,
         client: redis.Redis | redis.cluster.RedisCluster,
         dispatch: Dispatch,
-        replay: Callable[[str], Awaitable[tuple[StoredMessage, ...] | None]],
+        replay: Callable[[str], Awaitable[tuple[tuple[StoredMessage, ...], SessionState] | None]],
     ) -> None:
         self.client = client
         self.cluster = isinstance(client, redis.cluster.RedisCluster)
@@ -230,17 +230,19 @@ class Listener:
         for name in names:
             code = _code_of(name)
             try:
-                messages = await self._replay(code)
+                replay = await self._replay(code)
             except ServerError:
                 continue
-            if messages is None:
+            if replay is None:
                 # The session ended while this listener was away (its end was
                 # published to nobody here): end it for the members here. The
                 # reason is gone with the session, so it is the common one.
                 self._dispatch(Ended(code, "idle"))
                 continue
+            messages, state = replay
             for m in messages:
                 self._dispatch(MessageStored(code, m))
+            self._dispatch(state)  # presence, pairing, leaves and takeovers missed meanwhile
 
     def _deliver(self, batch: list[dict[str, Any]]) -> None:
         """On the trio thread: turn published events into hub events, in order."""

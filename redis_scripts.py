@@ -212,6 +212,16 @@ emit('e', reason)
 return {1, reason}
 """
 
+# The session's members and the connection holding each ('' while offline),
+# or nothing when the session is gone. For a resync.
+_STATE = """
+local r = redis.call('HGET', KEYS[1], 'r')
+if not r then return {} end
+local out = {r}
+for _, id in ipairs(split(r)) do out[#out + 1] = redis.call('HGET', KEYS[1], 'o:' .. id) or '' end
+return out
+"""
+
 # KEYS: session hash, history list. ARGV: after_seq. The history for a resync.
 _HISTORY = """
 local out = {}
@@ -232,6 +242,7 @@ SCRIPTS = {
         "disconnect": _DISCONNECT,
         "expire": _EXPIRE,
         "history": _HISTORY,
+        "state": _STATE,
     }.items()
 }
 

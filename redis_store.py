@@ -27,7 +27,7 @@ from prometheus_client.registry import CollectorRegistry
 
 import redis_client
 from limiter import LimitKey, RedisLimiter, rate_limited, redis_key
-from protocol import ClientError, ErrorCode, ServerError
+from protocol import ClientError, ErrorCode, Member, ServerError
 from redis_instances import Instances
 from redis_listener import Listener, ListenerCollector
 from redis_scripts import SCRIPTS, members, session_keys, stored_message
@@ -43,6 +43,7 @@ from session_store import (
     Joined,
     Op,
     Resumed,
+    SessionState,
     SessionStore,
     StoredMessage,
     no_such_member,
@@ -421,12 +422,17 @@ class RedisStore(SessionStore):
         result = await self._run("history", code, after)
         return tuple(stored_message(e) for e in result)
 
-    async def _replay(self, code: str) -> tuple[StoredMessage, ...] | None:
-        """The session's stored messages, or None when it is gone (the listener's resync)."""
+    async def _replay(self, code: str) -> tuple[tuple[StoredMessage, ...], SessionState] | None:
+        """What a listener that was away sends the members here: the stored
+        messages and the session's state; None when the session is gone."""
         messages = await self.history(code, 0)
-        if not messages and not await redis_client.call(self.client.exists, session_keys(code)[0]):
+        state = await self._run("state", code)
+        if not state:
             return None
-        return messages
+        ids = state[0].decode().split(",")
+        holders = {cid: (h.decode() or None) for cid, h in zip(ids, state[1:], strict=True)}
+        clients = tuple(Member(cid, holders[cid] is not None) for cid in ids)
+        return messages, SessionState(code, clients, holders)
 
     # -- subscriptions: the listener's --
 

@@ -38,6 +38,7 @@ from session_store import (
     PeerLeft,
     PresenceChanged,
     Resumed,
+    SessionState,
     SessionStore,
     StoredMessage,
     Takeover,
@@ -148,10 +149,24 @@ class Hub:
                             conn.deliver(text, m.seq)
             case Paired(code, clients):
                 self._tell(code, protocol.SessionPaired(code, clients))
+                for conn in self.sessions.get(code, ()):
+                    conn.peers = {m.client_id: m.online for m in clients if m.client_id != conn.client_id}
             case PresenceChanged(code, client_id, online):
                 self._tell(code, protocol.Presence(client_id, online), client_id)
+                for conn in self.sessions.get(code, ()):
+                    if conn.client_id != client_id:
+                        conn.peers[client_id] = online
             case PeerLeft(code, client_id):
                 self._tell(code, protocol.PeerLeft(client_id), client_id)
+                for conn in self.sessions.get(code, ()):
+                    conn.peers.pop(client_id, None)
+            case SessionState(code, clients, holders):
+                for conn in tuple(self.sessions.get(code, ())):
+                    if conn.client_id is not None and holders.get(conn.client_id) != conn.id:
+                        self.detach(conn)  # taken over elsewhere, or gone: as a Takeover
+                        conn.close(CloseCode.NORMAL)
+                    else:
+                        conn.catch_up(code, clients)
             case Takeover(code, client_id, conn_id):
                 previous = self.connections.get(conn_id)
                 if previous is not None and previous.code == code and previous.client_id == client_id:
@@ -201,6 +216,7 @@ class Connection:
         self._code: str | None = None
         self.client_id: str | None = None
         self.delivered_seq = 0  # newest message seq queued to this client
+        self.peers: dict[str, bool] = {}  # the other members as this client knows them: online
         self.held: list[tuple[str, int, bool]] | None = None  # (text, seq, ends session)
         self.close_code: CloseCode | None = None
         self.peer_gone = False
@@ -225,6 +241,7 @@ class Connection:
         previous, self._code = self._code, code
         if code != previous:
             self.delivered_seq = 0  # seqs count per session
+            self.peers = {}
         if code is None and previous is not None:
             self.store.unwatch(previous)
             self._idle_deadline = trio.current_time() + self.config.idle_socket_timeout
@@ -266,6 +283,19 @@ class Connection:
         if seq:
             self.delivered_seq = seq
         self.push(text)
+
+    def catch_up(self, code: str, clients: tuple[protocol.Member, ...]) -> None:
+        """Tell this client what changed in its session while events were lost:
+        a peer that joined (paired), left, or went on- or offline."""
+        now = {m.client_id: m.online for m in clients if m.client_id != self.client_id}
+        if now.keys() - self.peers.keys():
+            self.deliver(protocol.serialize(protocol.SessionPaired(code, clients)), 0)
+        for client_id in self.peers.keys() - now.keys():
+            self.deliver(protocol.serialize(protocol.PeerLeft(client_id)), 0)
+        for client_id in self.peers.keys() & now.keys():
+            if self.peers[client_id] != now[client_id]:
+                self.deliver(protocol.serialize(protocol.Presence(client_id, now[client_id])), 0)
+        self.peers = now
 
     def end_session(self, text: str | None) -> None:
         """The session ended: send `text` (if any); the socket stays open."""
@@ -498,6 +528,7 @@ class Connection:
 
         joined = await self._attempt("join", code, join)
         reply = protocol.SessionJoined(request.id, code, client_id, token, joined.clients, joined.last_seq)
+        self._know(joined.clients)
         self._release(reply, joined.backlog, joined.last_seq)
         if len(joined.clients) == 2:
             self.services.report(lifecycle.SessionPaired(code, self.id))
@@ -522,7 +553,14 @@ class Connection:
         reply = protocol.SessionResumed(
             request.id, code, client_id, resumed.clients, resumed.last_seq, resumed.recovered
         )
+        self._know(resumed.clients)
         self._release(reply, resumed.replay, resumed.last_seq)
+
+    def _know(self, clients: tuple[protocol.Member, ...]) -> None:
+        """The members a reply tells this client of; events held meanwhile are newer and stay."""
+        for m in clients:
+            if m.client_id != self.client_id:
+                self.peers.setdefault(m.client_id, m.online)
 
     def _release(self, reply: protocol.ServerFrame, history: tuple[StoredMessage, ...], last_seq: int) -> None:
         """Send the reply, then the stored messages, then the events held meanwhile."""

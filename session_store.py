@@ -134,12 +134,23 @@ class Ended:
 
 
 @dataclass(frozen=True, slots=True)
+class SessionState:
+    """The session as it is now, for members here that may have missed events
+    (the Redis listener reconnected): `holders` maps each member to the
+    connection that holds it, None while offline."""
+
+    code: str
+    clients: tuple[Member, ...]
+    holders: dict[str, str | None]
+
+
+@dataclass(frozen=True, slots=True)
 class Evicted:
     """This instance was declared dead by the others (it was paused, or cut
     off): its members are offline there, so every socket here closes (1012)."""
 
 
-Event = MessageStored | Paired | PresenceChanged | PeerLeft | Takeover | Ended | Evicted
+Event = MessageStored | Paired | PresenceChanged | PeerLeft | Takeover | Ended | SessionState | Evicted
 Dispatch = Callable[[Event], None]
 
 

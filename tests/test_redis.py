@@ -429,6 +429,64 @@ async def test_session_expiring_while_an_instance_cannot_listen_still_ends_for_i
         admin.close()
 
 
+async def test_events_missed_while_an_instance_cannot_listen_are_caught_up(
+    private_redis: RedisFactory, tandem_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """Presence, a peer's leave and a takeover, published while s2's listener
+    could not subscribe, reach s2's members once it resubscribes."""
+    server = private_redis()
+    admin = server.client()
+    try:
+        admin.acl_setuser("s2", enabled=True, passwords=["+s2-pass"], keys=["*"], channels=["*"], commands=["+@all"])
+        s1 = tandem_factory(data_dir=tmp_path / "d1", REDIS_URL=server.url())
+        s2 = tandem_factory(data_dir=tmp_path / "d2", REDIS_URL=f"redis://s2:s2-pass@127.0.0.1:{server.port}/0")
+
+        def deaf() -> None:  # s2's listener cannot subscribe until `hear`
+            admin.acl_setuser("s2", enabled=True, commands=["-ssubscribe"])
+            assert admin.client_kill_filter(_type="pubsub", user="s2") == 1
+
+        def hear() -> None:
+            admin.acl_setuser("s2", enabled=True, commands=["+ssubscribe"])
+
+        # A's connection drops while s2 is deaf: B (on s2) is told A is offline.
+        async with connect(s2) as b:
+            async with connect(s1) as a:
+                created = await a.create()
+                joined = await b.join(created["code"])
+                await paired_frames(b, a)
+                deaf()
+            await trio.sleep(0.3)  # A's disconnect is published to nobody on s2
+            hear()
+            b.patience = 10
+            assert await b.expect("session:presence") == {
+                "type": "session:presence",
+                "client_id": created["client_id"],
+                "online": False,
+            }
+            # A comes back, then leaves, while s2 is deaf: B is told both, once.
+            deaf()
+            async with connect(s1) as a2:
+                await resume(a2, {**created, "code": created["code"]}, 0)
+                assert (await a2.request("session:leave"))["type"] == "session:left"
+            await trio.sleep(0.3)
+            hear()
+            assert await b.expect("session:peer_left") == {
+                "type": "session:peer_left",
+                "client_id": created["client_id"],
+            }
+            await b.nothing(0.5)
+            # B's member is taken over on s1 while s2 is deaf: s2 closes B's socket with 1000.
+            deaf()
+            async with connect(s1) as b2:
+                await resume(b2, {**joined, "code": created["code"]}, 0)
+                await trio.sleep(0.3)
+                hear()
+                frames, code = await frames_until_close(b, 10)
+                assert (frames, code) == ([], 1000)
+    finally:
+        admin.close()
+
+
 # --- a Redis outage -----------------------------------------------------------------------------
 
 
