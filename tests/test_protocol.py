@@ -1,4 +1,4 @@
-"""Unit tests for protocol.py, the sans-IO wire protocol (../shared/PROTOCOL.md).
+"""Unit tests for protocol.py, the sans-IO wire protocol (PROTOCOL.md).
 
 Parsing: size limits, JSON and object checks, `id` and `type` rules, every
 request type's fields. Serialising: every server frame's exact wire fields.

@@ -1,4 +1,4 @@
-"""End-to-end tests of the relay against a real `python server.py` (../shared/PROTOCOL.md).
+"""End-to-end tests of the relay against a real `python server.py` (PROTOCOL.md).
 
 Every test talks to a real server process over real WebSockets and asserts
 what a client can observe: replies, events, close codes, HTTP refusals, and
