@@ -25,6 +25,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 import redis_client
+from logging_setup import Outage
 from protocol import ServerError
 from redis_scripts import channel, parse_event
 from session_store import Dispatch, Ended, MessageStored, SessionState, StoredMessage
@@ -78,6 +79,7 @@ class Listener:
         self._stop = threading.Event()
         self.stats = ListenerStats()
         self.healthy = False  # connected and subscribed
+        self._outage = Outage(log, "redis.listener_disconnected", "redis.listener_reconnected")
 
     @property
     def listening(self) -> bool:
@@ -130,11 +132,7 @@ class Listener:
                 )
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
                 self.stats.reconnects += 1
-                if self.healthy:
-                    log.warning(
-                        "redis.listener_disconnected",
-                        extra={"fields": {"error": type(exc).__name__}},
-                    )
+                self._outage.failed(type(exc).__name__)
             except Exception:
                 self.stats.restarts += 1
                 log.exception("redis.listener_crashed")
@@ -155,6 +153,7 @@ class Listener:
         try:
             self._resubscribe(pubsub, poll, token)
             self.healthy = True
+            trio.from_thread.run_sync(self._outage.recovered, trio_token=token)
             while not self._stop.is_set():
                 if not self._changes.empty():
                     while not self._changes.empty():
