@@ -5,7 +5,7 @@
     .venv/bin/python -m bench --only 1,3      # some figures
 
 Servers and load generators are child processes on 127.0.0.1 (free ports):
-Tandem (`python server.py`, RATE_LIMIT_ENABLED=0, a temp DATA_DIR), the bare
+Tandem (`python server.py`, RATE_LIMIT_ENABLED=0, no socket caps, a temp DATA_DIR), the bare
 relay (bench/bare_relay.py), python-socketio on uvicorn (bench/sio_server.py),
 and a private redis-server. Load comes from `--clients` processes of
 trio-websocket clients (bench/load.py) or Socket.IO clients (bench/sio_load.py).
@@ -230,6 +230,9 @@ class Bench:
         port = free_port()
         data = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.out))
         settings = {"HOST": LOOPBACK, "PORT": str(port), "DATA_DIR": str(data / "data"), "RATE_LIMIT_ENABLED": "0"}
+        # Every load generator is one address (loopback): the per-address caps
+        # that stop one hostile client would stop the benchmark's 10,000 sockets.
+        settings |= {"MAX_SOCKETS": "0", "MAX_SOCKETS_IP": "0"}
         if redis:
             settings["REDIS_URL"] = self.redis_url
         child = spawn(
