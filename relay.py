@@ -162,6 +162,8 @@ class Hub:
                     conn.peers.pop(client_id, None)
             case SessionState(code, clients, holders):
                 for conn in tuple(self.sessions.get(code, ())):
+                    if conn.held is not None:
+                        continue  # a join or resume in flight: its reply will tell it the state
                     if conn.client_id is not None and holders.get(conn.client_id) != conn.id:
                         self.detach(conn)  # taken over elsewhere, or gone: as a Takeover
                         conn.close(CloseCode.NORMAL)
@@ -529,7 +531,7 @@ class Connection:
         joined = await self._attempt("join", code, join)
         reply = protocol.SessionJoined(request.id, code, client_id, token, joined.clients, joined.last_seq)
         self._know(joined.clients)
-        self._release(reply, joined.backlog, joined.last_seq)
+        self._release(code, reply, joined.backlog, joined.last_seq)
         if len(joined.clients) == 2:
             self.services.report(lifecycle.SessionPaired(code, self.id))
 
@@ -554,7 +556,7 @@ class Connection:
             request.id, code, client_id, resumed.clients, resumed.last_seq, resumed.recovered
         )
         self._know(resumed.clients)
-        self._release(reply, resumed.replay, resumed.last_seq)
+        self._release(code, reply, resumed.replay, resumed.last_seq)
 
     def _know(self, clients: tuple[protocol.Member, ...]) -> None:
         """The members a reply tells this client of; events held meanwhile are newer and stay."""
@@ -562,11 +564,12 @@ class Connection:
             if m.client_id != self.client_id:
                 self.peers.setdefault(m.client_id, m.online)
 
-    def _release(self, reply: protocol.ServerFrame, history: tuple[StoredMessage, ...], last_seq: int) -> None:
+    def _release(
+        self, code: str, reply: protocol.ServerFrame, history: tuple[StoredMessage, ...], last_seq: int
+    ) -> None:
         """Send the reply, then the stored messages, then the events held meanwhile."""
         held, self.held = self.held or [], None
         self.push(protocol.serialize(reply))
-        code = self.code or ""
         for stored in history:
             message = protocol.Message(code, stored.seq, stored.sender, stored.data, stored.ts, stored.mid)
             self.push(protocol.serialize(message))
