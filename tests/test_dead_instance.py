@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from helpers import Client, ServerFactory, connect
+from helpers import Client, ServerFactory, connect, resume
 from redis_servers import RedisServer
 from trio_websocket import ConnectionClosed
 
@@ -59,14 +59,7 @@ async def test_the_peer_of_a_killed_instance_is_told_within_the_bound(
         assert noticed <= NOTICED_WITHIN_S, noticed
         assert noticed >= DEAD_AFTER_S - HEARTBEAT_S - 0.5, noticed  # not before the instance could be late
         async with connect(s2) as a2:  # A comes back on the live instance
-            reply = await a2.request(
-                "session:resume",
-                code=created["code"],
-                client_id=created["client_id"],
-                token=created["token"],
-                last_seq=0,
-            )
-            assert reply["type"] == "session:resumed"
+            await resume(a2, created, 0)
             assert (await b.expect("session:presence"))["online"] is True
             assert await a2.message("back") == 1
             assert (await b.expect("message"))["data"] == "back"
@@ -97,14 +90,7 @@ async def test_an_instance_paused_past_the_bound_closes_its_sockets_when_it_wake
                 await a.ws.get_message()
         assert closed.value.reason is not None and closed.value.reason.code == 1012
         async with connect(s1) as a2:
-            reply = await a2.request(
-                "session:resume",
-                code=created["code"],
-                client_id=created["client_id"],
-                token=created["token"],
-                last_seq=0,
-            )
-            assert reply["type"] == "session:resumed"
+            await resume(a2, created, 0)
             assert (await b.expect("session:presence"))["online"] is True
 
 
