@@ -1,9 +1,10 @@
 """Seeded, model-based chaos test of Tandem: real processes, random faults, every frame checked.
 
 A seed makes a schedule of steps (client operations at once, now and then a fault:
-kill -9, SIGTERM drain, SIGSTOP, Redis kill -9, cut pub/sub connections); the
-engine runs it against `python server.py` and checks what clients see against
-bench/chaos_model.py. A failing run is shrunk to its shortest failing prefix.
+kill -9, SIGTERM drain, SIGSTOP, Redis kill -9 or a Redis Cluster failover, cut
+pub/sub connections, a session's deadline reached); the engine runs it against
+`python server.py` and checks what clients see against bench/chaos_model.py,
+presence included. A failing run is shrunk to its shortest failing prefix.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import random
 import shutil
 import signal
 import socket
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -28,6 +30,7 @@ from typing import Any
 
 import orjson
 import redis
+import redis.cluster
 import trio
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
@@ -47,15 +50,25 @@ from bench.chaos_model import (
     SessionModel,
     View,
     member_problems,
+    presence_problems,
     reply_problems,
     view_problems,
 )
+from bench.chaos_procs import (
+    CLUSTER_NODES,
+    LOOPBACK,
+    ChaosError,
+    RedisCluster,
+    RedisProcess,
+    free_port,
+    spawn,
+    wait_listening,
+)
+from redis_store import expiry_bucket
 
 ROOT = Path(__file__).resolve().parent.parent
-LOOPBACK = "127.0.0.1"
 HISTORY_SIZE = 20  # small, so that history is trimmed during a run
 HASH_KEY = "chaos-test-hash-key-0123456789"
-START_TIMEOUT = 20.0  # a Tandem or Redis process listens within this
 DRAIN_TIMEOUT = 12.0  # SIGTERM to exit; SHUTDOWN_GRACE is 5
 HANDSHAKE_TIMEOUT = 5.0
 REPLY_TIMEOUT = 6.0  # longer than any pause the schedule makes
@@ -70,6 +83,20 @@ MAX_READS = 10_000_000  # reads of one socket; each run is bounded in time anywa
 RECEIVE_BYTES = 65_536
 DROPPED = 0  # our own close code for a socket the driver dropped
 NO_CLOSE_FRAME = 1006
+SWEEP_INTERVAL = 0.25  # s between expiry sweeps: a session past its deadline ends within this
+# Presence: a member's peers are told it went on- or offline within PRESENCE_PROMPT
+# s of a drop, resume, leave or drain; within PRESENCE_AFTER_FAULT s of a fault on
+# Redis (an instance's kill -9: README's dead-instance bound; Redis down or pub/sub
+# cut: the listener's reconnect and resync); within the pause after a SIGSTOP.
+PRESENCE_PROMPT = 3.0
+PRESENCE_AFTER_FAULT = 10.0
+CHECKPOINT_EVERY = 40  # steps between quiet checkpoints, where the driver waits for presence to converge
+# The expiry fault on Redis: a session's hard deadline moves to ARGV[1] (ms), if the session exists.
+MOVE_DEADLINE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'ttl_at', ARGV[1])
+return 1
+"""
 # Server log events that are a bug whenever they appear.
 BAD_LOG_EVENTS = frozenset(
     {"connection.crashed", "connection.crash_callback_failed", "store.batch_failed", "redis.listener_crashed"}
@@ -80,12 +107,12 @@ ALPHABET = [*"abcXYZ019 |{}[],:", '"', "\\", "\n", "\t", "\x00", "\x1f", "\u2028
 DEFAULT_SESSIONS = 4
 DEFAULT_FAULT_RATE = 0.06
 OP_WEIGHTS = {"send": 36, "resend": 12, "resume": 12, "drop": 10, "join": 10, "create": 6, "leave": 3}
-SQLITE_FAULTS = {"kill9": 4, "drain": 3, "pause": 4}
-REDIS_FAULTS = {"kill9": 3, "drain": 2, "pause": 3, "redis-kill9": 3, "pubsub-kill": 3}
-
-
-class ChaosError(Exception):
-    """The test machinery failed (a process would not start): not a finding about Tandem."""
+SQLITE_FAULTS = {"kill9": 4, "drain": 3, "pause": 4, "expire": 2}
+REDIS_FAULTS = {"kill9": 3, "drain": 2, "pause": 3, "redis-kill9": 3, "pubsub-kill": 3, "expire": 2}
+# On a Redis Cluster: "failover" kills a master with SIGKILL, "seed-down" the node
+# named first in REDIS_URL, then restarts a Tandem instance while it is down.
+CLUSTER_FAULTS = {"kill9": 2, "drain": 2, "pause": 2, "failover": 4, "seed-down": 2, "pubsub-kill": 2, "expire": 2}
+FAULTS = {"sqlite": SQLITE_FAULTS, "redis": REDIS_FAULTS, "cluster": CLUSTER_FAULTS}
 
 
 # --- the schedule: a pure function of the seed -------------------------------------------
@@ -95,11 +122,17 @@ class ChaosError(Exception):
 class Plan:
     """What a run is made of, besides its seed and length."""
 
-    store: str = "sqlite"  # "sqlite" or "redis"
-    instances: int = 1  # Tandem processes (1 with sqlite; 2 or 3 on one Redis)
+    store: str = "sqlite"  # "sqlite", "redis" (one Redis) or "cluster" (a six-node Redis Cluster)
+    instances: int = 1  # Tandem processes (1 with sqlite; 2 or 3 on Redis)
     sessions: int = DEFAULT_SESSIONS  # session slots the clients use
     fault_rate: float = DEFAULT_FAULT_RATE  # share of steps that carry a fault
     root: Path = ROOT  # the tree whose server.py runs (a broken copy, for bench/chaos_broken.py)
+    seeds: int = CLUSTER_NODES  # cluster: the nodes REDIS_URL names
+    ack_replicas: bool = True  # cluster: REDIS_ACK_REPLICAS=1 (an ack waits for a replica)
+
+    @property
+    def redis(self) -> bool:
+        return self.store != "sqlite"
 
 
 @dataclass(frozen=True)
@@ -127,17 +160,22 @@ class Op:
 
 @dataclass(frozen=True)
 class Fault:
-    """A fault `delay` s into its step: kill9, drain, pause (for `duration` s),
-    redis-kill9 (down for `duration` s), pubsub-kill."""
+    """A fault `delay` s into its step: kill9 (of Tandem `instance`), drain, pause
+    (for `duration` s), redis-kill9 (down for `duration` s), pubsub-kill, expire
+    (the session of slot `target` reaches its deadline), failover (master
+    `target` of a cluster), seed-down (the first node of REDIS_URL, while
+    `instance` restarts)."""
 
     kind: str
     instance: int
     delay: float
     duration: float = 0.0
+    target: int = 0
 
     def __str__(self) -> str:
-        target = "" if self.kind.startswith(("redis", "pubsub")) else f" @{self.instance}"
-        return f"{self.kind}{target} after {self.delay:.2f}s" + (f" for {self.duration:.2f}s" if self.duration else "")
+        target = {"expire": f" s{self.target}", "failover": f" master {self.target}", "seed-down": f" @{self.instance}"}
+        where = "" if self.kind.startswith(("redis", "pubsub")) else target.get(self.kind, f" @{self.instance}")
+        return f"{self.kind}{where} after {self.delay:.2f}s" + (f" for {self.duration:.2f}s" if self.duration else "")
 
 
 @dataclass(frozen=True)
@@ -182,108 +220,14 @@ def _count(rng: random.Random) -> int:
 
 
 def _fault(rng: random.Random, plan: Plan) -> Fault:
-    table = REDIS_FAULTS if plan.store == "redis" else SQLITE_FAULTS
+    table = FAULTS[plan.store]
     kind = rng.choices(list(table), weights=list(table.values()))[0]
     duration = {"pause": rng.uniform(0.1, 1.5), "kill9": rng.uniform(0.0, 0.3), "redis-kill9": rng.uniform(0.0, 1.0)}
-    return Fault(kind, rng.randrange(plan.instances), round(rng.uniform(0.0, 0.1), 3), round(duration.get(kind, 0), 3))
+    instance, delay = rng.randrange(plan.instances), round(rng.uniform(0.0, 0.1), 3)
+    return Fault(kind, instance, delay, round(duration.get(kind, 0), 3), rng.randrange(max(plan.sessions, 3)))
 
 
-# --- processes: Tandem instances and a private Redis --------------------------------------
-
-
-def spawn(
-    args: list[str], log_path: Path, env: dict[str, str] | None = None, cwd: Path | None = None
-) -> subprocess.Popen[bytes]:
-    """Start a child process whose output goes to `log_path` (appended)."""
-    with open(log_path, "ab") as log:
-        return subprocess.Popen(args, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
-
-
-async def wait_listening(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
-    deadline = trio.current_time() + START_TIMEOUT
-    for _ in range(int(START_TIMEOUT / 0.02) + 1):
-        if proc.poll() is not None:
-            raise ChaosError(f"{what} exited with {proc.returncode} at start-up")
-        try:
-            stream = await trio.open_tcp_stream(LOOPBACK, port)
-        except OSError:
-            if trio.current_time() > deadline:
-                break
-            await trio.sleep(0.02)
-            continue
-        await stream.aclose()
-        return
-    raise ChaosError(f"{what} did not listen on {port} within {START_TIMEOUT} s")
-
-
-class RedisProcess:
-    """A private redis-server: append-only, fsync on every write; restarted on its port and directory."""
-
-    def __init__(self, directory: Path) -> None:
-        self.dir = directory
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://{LOOPBACK}:{self.port}/0"
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    async def start(self) -> None:
-        binary = shutil.which("redis-server") or "redis-server"
-        args = [binary, "--port", str(self.port), "--bind", LOOPBACK, "--save", "", "--appendonly", "yes"]
-        args += ["--appendfsync", "always", "--dir", str(self.dir), "--protected-mode", "no", "--logfile", ""]
-        self.proc = spawn(args, self.dir / "redis.log")
-        await wait_listening(self.port, self.proc, "redis-server")
-        await trio.to_thread.run_sync(self._wait_loaded)
-
-    def _wait_loaded(self) -> None:
-        """Until the append-only file is loaded (LOADING answers before that)."""
-        client = redis.Redis(host=LOOPBACK, port=self.port, socket_timeout=1.0)
-        try:
-            for _ in range(int(START_TIMEOUT / 0.05)):
-                with contextlib.suppress(redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
-                    if client.ping() and client.info("persistence").get("loading", 0) == 0:
-                        return
-                time.sleep(0.05)
-        finally:
-            client.close()
-        raise ChaosError("redis-server did not load its append-only file")
-
-    def kill9(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    async def cut_pubsub(self) -> int:
-        """CLIENT KILL TYPE pubsub: every instance's listener loses its connection."""
-
-        def run() -> int:
-            client = redis.Redis(host=LOOPBACK, port=self.port, socket_timeout=2.0)
-            try:
-                return int(client.client_kill_filter(_type="pubsub"))
-            finally:
-                client.close()
-
-        return await trio.to_thread.run_sync(run)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill9()
+# --- Tandem instances ------------------------------------------------------------------
 
 
 class Instance:
@@ -496,6 +440,7 @@ class Pending:
     role: int = 0
     known_max: int = 0  # newest seq known stored when it was sent
     baseline: int = 0  # a resume's last_seq
+    session: SessionModel | None = None  # the session it is about (a join's, when it was sent)
 
 
 @dataclass(eq=False)
@@ -509,7 +454,11 @@ class Link:
     pending: dict[int, Pending] = field(default_factory=dict)
     closed: trio.Event = field(default_factory=trio.Event)
     close_code: int | None = None
-    superseded: bool = False  # its member resumed on another connection (a takeover)
+    superseded: bool = False  # its member resumed on another connection (a takeover), or may have
+    # When a send of this connection got `not_found` though no takeover is known
+    # to have succeeded (a resume answered `unavailable` may have run): the
+    # server must close it (1000) within the presence bound.
+    refused_at: float | None = None
 
     @property
     def in_session(self) -> bool:
@@ -538,6 +487,7 @@ class Engine:
         self.seed = seed
         self.workdir = workdir
         self.redis = RedisProcess(workdir / "redis") if plan.store == "redis" else None
+        self.cluster = RedisCluster(workdir / "cluster") if plan.store == "cluster" else None
         settings = {
             "LOG_LEVEL": "INFO",
             "LOG_FORMAT": "json",
@@ -546,9 +496,13 @@ class Engine:
             "HISTORY_SIZE": str(HISTORY_SIZE),
             "SHUTDOWN_GRACE": "5",
             "HASH_KEY": HASH_KEY,
+            "SWEEP_INTERVAL": str(SWEEP_INTERVAL),
         }
         if self.redis is not None:
             settings["REDIS_URL"] = self.redis.url
+        if self.cluster is not None:
+            settings |= {"REDIS_URL": self.cluster.url(plan.seeds), "REDIS_CLUSTER": "1"}
+            settings["REDIS_ACK_REPLICAS"] = "1" if plan.ack_replicas else "0"
         self.instances = [Instance(n, plan.root, workdir, settings) for n in range(plan.instances)]
         self.slots = [Slot(n) for n in range(plan.sessions)]
         self.links: list[Link] = []
@@ -563,6 +517,11 @@ class Engine:
         self._log_offsets: dict[Path, int] = {}
         self._reported: set[str] = set()
         self._nursery: trio.Nursery | None = None
+        # Presence: (start, end) of the time after each fault in which presence may
+        # lag (trio time); when each mismatch was first seen; those reported.
+        self.graces: list[tuple[float, float]] = []
+        self._mismatch_since: dict[tuple[int, str], float] = {}
+        self._presence_reported: set[tuple[int, str]] = set()
 
     # -- violations and stats --
 
@@ -584,6 +543,8 @@ class Engine:
             try:
                 if self.redis is not None:
                     await self.redis.start()
+                if self.cluster is not None:
+                    await self.cluster.start()
                 for instance in self.instances:
                     await instance.start()
                 for step in steps:
@@ -593,8 +554,13 @@ class Engine:
                     await self.execute(step)
                     done += 1
                     await self.after_step()
+                    if done % CHECKPOINT_EVERY == 0:
+                        await self.checkpoint()
+                    else:
+                        self.check_presence()
                 self.step = done  # what the end of the run finds is reported after the last step run
                 await self.settle()
+                await self.checkpoint()
                 self.final_checks()
                 await self.shutdown()
             finally:
@@ -603,6 +569,8 @@ class Engine:
                     instance.kill9()
                 if self.redis is not None:
                     self.redis.stop()
+                if self.cluster is not None:
+                    self.cluster.stop()
                 nursery.cancel_scope.cancel()
         self.scan_logs()
         return done
@@ -626,7 +594,85 @@ class Engine:
                 await instance.start()
         if self.redis is not None and not self.redis.running:
             await self.redis.start()
+        if self.cluster is not None and not self.cluster.running:
+            await self.cluster.heal()
+        for slot in self.slots:  # a session that expired: its slot gets a new one
+            if slot.session is not None and slot.session.expiring:
+                slot.session, slot.roles, slot.ghost, slot.full = None, [None, None], False, False
+                slot.busy.clear()
+        for link in self.links:  # a connection whose session expired is in none: the client closes it
+            if link.close_code is None and link.view is not None and link.view.expired is not None:
+                await link.wire.drop(reset=False)
+        self.links = [link for link in self.links if not link.closed.is_set()]
         self.scan_logs()
+
+    # -- presence: what each connection believes of its peers --
+
+    def slot_of(self, session: SessionModel) -> Slot | None:
+        return next((slot for slot in self.slots if slot.session is session), None)
+
+    def presence_mismatches(self) -> dict[tuple[int, str], str]:
+        """Where an open connection that holds a member believes other than the truth of a
+        peer, by (connection, peer); and (connection, "") for a connection refused for its
+        member (its member moved elsewhere) that the server has not closed."""
+        found = {}
+        for link in self.links:
+            view = link.view
+            if view is None or not link.in_session or link.close_code is not None:
+                continue
+            if link.refused_at is not None:
+                found[(link.number, "")] = f"{view.label} got not_found for its member's send, yet stays open"
+            member, session = view.member, view.member.session
+            slot = self.slot_of(session)
+            if session.expiring or slot is None or member.state != "member" or self.current.get(member) is not link:
+                continue
+            truth = {
+                peer.client_id: None if peer.state == "uncertain" else self.online(peer)
+                for _, peer in slot.members()
+                if peer is not member
+            }
+            for client_id, problem in presence_problems(view, truth, session.left, bool(slot.busy)):
+                found[(link.number, client_id)] = f"{view.label} of {member.client_id} in {session.code} {problem}"
+        return found
+
+    def presence_deadline(self, since: float) -> float:
+        """A mismatch first seen at `since` must be gone by this (trio time): the prompt
+        bound, extended to the end of the grace of any fault that acted meanwhile."""
+        deadline = since + PRESENCE_PROMPT
+        for start, end in sorted(self.graces):
+            if start <= deadline:
+                deadline = max(deadline, end)
+        return deadline
+
+    def check_presence(self) -> bool:
+        """Judge presence now: a mismatch that lasted past its deadline is a violation
+        (reported once). True when no mismatch is still within its bound."""
+        now = trio.current_time()
+        self.graces = [(start, end) for start, end in self.graces if end > now - 120]
+        found = self.presence_mismatches()
+        for key in [key for key in self._mismatch_since if key not in found]:
+            del self._mismatch_since[key]
+        waiting = False
+        for key, problem in found.items():
+            since = self._mismatch_since.setdefault(key, now)
+            if now <= self.presence_deadline(since):
+                waiting = True
+            elif key not in self._presence_reported:
+                self._presence_reported.add(key)
+                self.violate("presence", f"{problem} ({now - since:.1f}s)")
+        return not waiting
+
+    async def checkpoint(self) -> None:
+        """A quiet moment: no operation runs while the driver waits until every connection
+        believes the truth of its peers, or the bound of each mismatch passed."""
+        self.stats["presence checkpoints"] += 1
+        started = trio.current_time()
+        limit = PRESENCE_AFTER_FAULT + PRESENCE_PROMPT + 1
+        for _ in range(int(limit / 0.05) + 1):
+            if self.check_presence() or trio.current_time() > started + limit:
+                break
+            await trio.sleep(0.05)
+        self.stats["presence checkpoint wait (s)"] += round(trio.current_time() - started)
 
     # -- resolving an op against the current state --
 
@@ -765,7 +811,7 @@ class Engine:
         if link is None:
             slot.busy.discard(role)
             return
-        pending = Pending("join", slot=slot, role=role, known_max=slot.session.stored_max)
+        pending = Pending("join", slot=slot, role=role, known_max=slot.session.stored_max, session=slot.session)
         await self.request(link, pending, {"type": "session:join", "code": slot.session.code})
         await self.wait([pending])
         if pending.done.is_set() and not link.in_session:
@@ -790,7 +836,8 @@ class Engine:
             sent.frames += 1
             self.stats["sends"] += 1
             frame = {"type": "message:send", "data": orjson.Fragment(sent.raw), "mid": sent.mid}
-            pendings.append(await self.request(link, Pending("send", sent=sent, member=member), frame))
+            pending = Pending("send", sent=sent, member=member, session=member.session)
+            pendings.append(await self.request(link, pending, frame))
         await self.wait(pendings)
         return all(p.reply is not None and p.reply.get("type") == "message:ack" for p in pendings)
 
@@ -814,13 +861,15 @@ class Engine:
         if previous is not None:
             previous.superseded = True  # from now on it may be told it no longer holds the member
         pending = Pending("resume", member=member, known_max=session.stored_max, baseline=member.last_seen)
+        pending.session = session
         frame: dict[str, Any] = {"type": "session:resume", "code": session.code, "client_id": member.client_id}
         frame |= {"token": member.token, "last_seq": member.last_seen}
         await self.request(link, pending, frame)
         await self.wait([pending])
         if not link.in_session:
-            if previous is not None and pending.reply is not None and pending.reply.get("type") == "error":
-                previous.superseded = False  # refused: nothing was taken over
+            reply = pending.reply or {}
+            if previous is not None and reply.get("type") == "error" and reply.get("code") != "unavailable":
+                previous.superseded = False  # refused: nothing was taken over (`unavailable`: it may have been)
             if pending.done.is_set():
                 await self.close(link)
             return False
@@ -835,7 +884,8 @@ class Engine:
         if link is None:
             return
         member.state = "uncertain"  # until the reply says whether it left
-        pending = await self.request(link, Pending("leave", member=member), {"type": "session:leave"})
+        pending = Pending("leave", member=member, session=member.session)
+        await self.request(link, pending, {"type": "session:leave"})
         await self.wait([pending])
         if pending.reply is not None and pending.reply.get("type") == "session:left":
             await self.close(link)
@@ -870,15 +920,14 @@ class Engine:
         await trio.sleep(fault.delay)
         self.stats[f"fault {fault.kind}"] += 1
         instance = self.instances[fault.instance % len(self.instances)]
+        started = trio.current_time()
         match fault.kind:
             case "kill9":
                 instance.kill9()
                 await trio.sleep(fault.duration)
                 await instance.start()
             case "drain":
-                code = await instance.drain()
-                if code != 0:
-                    self.violate("drain", f"instance {instance.index} exited with {code} after SIGTERM (expected 0)")
+                await self.drain(instance)
                 await instance.start()
             case "pause":
                 instance.pause()
@@ -890,6 +939,84 @@ class Engine:
                 await self.redis.start()
             case "pubsub-kill" if self.redis is not None:
                 self.stats["pub/sub connections cut"] += await self.redis.cut_pubsub()
+            case "pubsub-kill" if self.cluster is not None:
+                self.stats["pub/sub connections cut"] += await self.cluster.cut_pubsub()
+            case "failover" if self.cluster is not None:
+                await self.cluster.kill_master(fault.target)
+                await self.cluster.heal()
+            case "seed-down" if self.cluster is not None:
+                await self.seed_down(instance)
+            case "expire":
+                await self.expire(self.slots[fault.target % len(self.slots)])
+        # Presence may lag a fault: on Redis by the dead-instance bound, or the
+        # listener's reconnect and resync; else by the prompt bound after it ended.
+        lagging = fault.kind in ("redis-kill9", "pubsub-kill", "failover", "seed-down")
+        lagging = lagging or (fault.kind == "kill9" and self.plan.redis)
+        self.graces.append((started, trio.current_time() + (PRESENCE_AFTER_FAULT if lagging else PRESENCE_PROMPT)))
+
+    async def drain(self, instance: Instance) -> None:
+        """SIGTERM: the instance must drain and exit with 0."""
+        code = await instance.drain()
+        if code != 0:
+            self.violate("drain", f"instance {instance.index} exited with {code} after SIGTERM (expected 0)")
+
+    async def seed_down(self, instance: Instance) -> None:
+        """The node named first in REDIS_URL dies (a master fails over); an instance
+        restarts meanwhile and must start; then the node comes back as a replica."""
+        assert self.cluster is not None
+        seed = self.cluster.nodes[0]
+        await self.cluster.kill_node(seed)
+        await self.drain(instance)
+        try:
+            await instance.start()
+        except ChaosError as exc:
+            instance.expected_exit = True  # reported here; the next step starts it again
+            self.violate("start", f"instance {instance.index} did not start while {seed.address} was down: {exc}")
+        await self.cluster.heal()
+
+    async def expire(self, slot: Slot) -> None:
+        """The session of `slot` reaches its hard deadline now: the driver moves its
+        `ttl_at` in the store (the SQLite file; the session hash and its expiry index
+        on Redis), and the sweeper ends it. Its members may get `session:expired` and
+        `not_found` from now on; what was acked before must have reached the peer."""
+        session = slot.session
+        if session is None or session.expiring:
+            self.stats["expire: no session in the slot"] += 1
+            return
+        # Marked first: a request refused by the new deadline may be answered before the write returns.
+        session.expiring = True
+        for _, member in slot.members():
+            member.state = "expired"
+        now = time.time_ns() // 1_000_000
+        try:
+            moved = await trio.to_thread.run_sync(self._move_deadline, session.code, now)
+        except (sqlite3.Error, redis.RedisError) as exc:  # it may or may not have happened
+            self.stats[f"expire: the write failed ({type(exc).__name__})"] += 1
+            return
+        self.stats["expire: deadline moved" if moved else "expire: the session was gone"] += 1
+
+    def _move_deadline(self, code: str, now: int) -> bool:
+        """Set the session's `ttl_at` to `now` (ms) in the store (blocking); False if it is gone."""
+        if not self.plan.redis:
+            db = sqlite3.connect(self.instances[0].data_dir / "tandem.sqlite3", timeout=10, isolation_level=None)
+            try:
+                return db.execute("UPDATE sessions SET ttl_at = ? WHERE code = ?", (now, code)).rowcount > 0
+            finally:
+                db.close()
+        client: redis.Redis | redis.cluster.RedisCluster
+        if self.cluster is not None:
+            client = self.cluster.client()
+        else:
+            assert self.redis is not None
+            client = self.redis.client()
+        try:
+            # Only a session that still exists: HSET alone would make a stray hash.
+            moved = client.eval(MOVE_DEADLINE, 1, f"tandem:{{{code}}}:s", now)
+            if moved:
+                client.zadd(expiry_bucket(code), {code: now}, xx=True)
+            return bool(moved)
+        finally:
+            client.close()
 
     # -- what arrives on a connection --
 
@@ -951,12 +1078,36 @@ class Engine:
         kind = frame.get("type")
         if kind == "message":
             self.on_message(link, frame, text)
-        elif kind == "session:presence":
-            self.stats[f"presence {'online' if frame.get('online') else 'offline'}"] += 1
-        elif kind in ("session:paired", "session:peer_left"):
-            self.stats[str(kind)] += 1
+        elif kind in ("session:presence", "session:paired", "session:peer_left", "session:expired"):
+            self.on_event(link, str(kind), frame, text)
         else:
             self.violate("frame", f"unexpected event on connection {link.number}: {text[:200]}")
+
+    def on_event(self, link: Link, kind: str, frame: dict[str, Any], text: str) -> None:
+        """A session event: what the connection now believes of its peers, or the session's end."""
+        view = link.view
+        if view is None or view.left:
+            self.violate("frame", f"{kind} on connection {link.number}, in no session: {text[:200]}")
+            return
+        self.stats[kind + ("" if kind != "session:presence" else f" {frame.get('online')}")] += 1
+        me, session = view.member.client_id, view.member.session
+        match kind:
+            case "session:presence":
+                view.peers[str(frame.get("client_id"))] = frame.get("online") is True
+            case "session:paired":
+                view.peers = peers_of(frame.get("clients"), me)
+            case "session:peer_left":
+                view.peers.pop(str(frame.get("client_id")), None)
+            case "session:expired":
+                reason = frame.get("reason")
+                if frame.get("code") != session.code or reason not in ("idle", "ttl"):
+                    self.violate("expiry", f"connection {link.number} in {session.code}: {text[:200]}")
+                elif not session.expiring:
+                    self.violate(
+                        "expiry",
+                        f"{session.code} expired ({reason}) on connection {link.number}, far from its deadline",
+                    )
+                view.expired, view.left = str(reason), True
 
     def on_reply(self, link: Link, pending: Pending, frame: dict[str, Any]) -> None:
         kind = frame.get("type")
@@ -980,25 +1131,31 @@ class Engine:
             pending.slot.session, pending.slot.roles[pending.role] = session, member
             pending.slot.busy.discard(pending.role)
             self.enter(link, View(member, "create", 0, 0))
-        elif pending.kind == "join" and pending.slot is not None and pending.slot.session is not None:
-            session, last_seq = pending.slot.session, int(frame["last_seq"])
+        elif pending.kind == "join" and pending.slot is not None and pending.session is not None:
+            session, last_seq = pending.session, int(frame["last_seq"])
             if frame.get("code") != session.code:
                 self.violate("reply", f"joined {frame.get('code')} when asking for {session.code}")
             member = MemberModel(session, str(frame["client_id"]), str(frame["token"]), max(0, last_seq - HISTORY_SIZE))
-            pending.slot.roles[pending.role] = member
-            pending.slot.busy.discard(pending.role)
-            view = View(member, "join", 0, last_seq)
+            if pending.slot.session is session and not session.expiring:
+                pending.slot.roles[pending.role] = member
+                pending.slot.busy.discard(pending.role)
+            else:
+                member.state = "expired"  # it joined a session whose deadline the driver moved meanwhile
+            view = View(member, "join", 0, last_seq, peers=peers_of(frame.get("clients"), member.client_id))
             self.problems("join", reply_problems(view, pending.known_max, None))
             self.enter(link, view)
         elif pending.kind == "resume" and pending.member is not None:
             member, last_seq, recovered = pending.member, int(frame["last_seq"]), frame.get("recovered") is True
-            view = View(member, "resume", pending.baseline, last_seq)
+            view = View(
+                member, "resume", pending.baseline, last_seq, peers=peers_of(frame.get("clients"), member.client_id)
+            )
             self.problems("resume", reply_problems(view, pending.known_max, recovered))
             if not recovered:
                 self.stats["resumed with recovered: false"] += 1
                 lost_to = last_seq - HISTORY_SIZE
                 member.excuses.append(Excuse(pending.baseline, lost_to, "resume reported recovered: false"))
-            member.state = "member"  # an uncertain leave did not happen
+            if member.state == "uncertain":
+                member.state = "member"  # its leave did not happen
             self.enter(link, view)
         elif pending.kind == "send" and pending.sent is not None and pending.member is not None:
             duplicate = frame.get("duplicate") is True
@@ -1009,16 +1166,29 @@ class Engine:
 
     def on_error(self, link: Link, pending: Pending, code: str) -> None:
         self.stats[f"error {pending.kind} {code}"] += 1
-        slot, member = pending.slot, pending.member
-        if slot is not None:
+        slot, member, session = pending.slot, pending.member, pending.session
+        if slot is not None and slot.session is session:
+            if pending.kind == "join" and code == "unavailable":
+                slot.ghost = True  # its store call's reply was lost: it may have joined
             slot.busy.discard(pending.role)
             self.tidy(slot)
+        if code == "unavailable":
+            # The store is away or the instance drains: the request had no effect, or
+            # one the reply could not tell (a resume may have taken the member over,
+            # a leave may have left: it stays uncertain until a resume tells).
+            return
         if pending.kind == "leave" and member is not None and member.state == "uncertain":
             member.state = "member"  # a refused leave had no effect
-        if code == "unavailable":
-            return  # the store is away or the instance drains: the request had no effect, or an unknown one
+        if session is not None and session.expiring and code in ("not_found", "not_in_session"):
+            self.stats[f"{pending.kind} refused: its session expired"] += 1
+            return
         stale = link.superseded or (member is not None and self.current.get(member) is not link)
         if pending.kind in ("send", "leave") and code in ("not_found", "not_in_session") and stale:
+            if member is not None and self.current.get(member) is link and link.refused_at is None:
+                # Only a resume answered `unavailable` may have moved it: the server
+                # must now close this connection, as after a takeover.
+                self.stats["send refused after a resume answered unavailable"] += 1
+                link.refused_at = trio.current_time()
             return  # another connection took the member over
         if pending.kind == "resume" and code == "not_found" and member is not None and member.state == "uncertain":
             member.state = "left"  # its leave had happened
@@ -1049,6 +1219,7 @@ class Engine:
     def forget(self, member: MemberModel) -> None:
         """A member that left: free its place."""
         self.current.pop(member, None)
+        member.session.left.add(member.client_id)
         for slot in self.slots:
             for role, held in enumerate(slot.roles):
                 if held is member:
@@ -1113,7 +1284,7 @@ class Engine:
 
     def check_view(self, view: View) -> None:
         """What one connection received; each problem is reported once."""
-        for problem in view_problems(view, self.plan.store == "redis"):
+        for problem in view_problems(view, self.plan.redis):
             if problem not in self._reported:
                 self._reported.add(problem)
                 self.violate("gap", problem)
@@ -1175,6 +1346,17 @@ class Engine:
             self.violate("log", f"close 1011: {excerpt}")
         elif entry.get("level") in ("warning", "error"):
             self.stats[f"log {entry.get('level')} {event}"] += 1
+
+
+def peers_of(clients: Any, me: str) -> dict[str, bool]:
+    """A reply's or `session:paired`'s `clients`, without the member itself: client_id -> online."""
+    if not isinstance(clients, list):
+        return {}
+    return {
+        str(c.get("client_id")): c.get("online") is True
+        for c in clients
+        if isinstance(c, dict) and c.get("client_id") != me
+    }
 
 
 def payload(rng: random.Random, number: int) -> bytes:
@@ -1302,12 +1484,22 @@ async def shrink(plan: Plan, seed: int, failed: Result, budget: float, say: Any 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.chaos", description=__doc__)
-    parser.add_argument("--store", choices=("sqlite", "redis"), default="sqlite")
+    parser.add_argument("--store", choices=("sqlite", "redis", "cluster"), default="sqlite")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--instances", type=int, choices=(2, 3), default=2, help="Tandem processes on Redis")
     parser.add_argument("--sessions", type=int, default=DEFAULT_SESSIONS)
     parser.add_argument("--fault-rate", type=float, default=DEFAULT_FAULT_RATE)
+    parser.add_argument(
+        "--seeds", type=int, default=CLUSTER_NODES, help="cluster: how many nodes REDIS_URL names (1 to 6)"
+    )
+    parser.add_argument(
+        "--ack-replicas",
+        type=int,
+        choices=(0, 1),
+        default=1,
+        help="cluster: REDIS_ACK_REPLICAS (an ack waits for a replica)",
+    )
     parser.add_argument("--time-limit", type=float, default=None, help="stop starting steps after this many s")
     parser.add_argument("--shrink-time", type=float, default=900.0, help="seconds the shrinking may take (0: none)")
     parser.add_argument("--keep", type=Path, default=None, help="keep each run's logs under this directory")
@@ -1330,7 +1522,7 @@ async def main_async(args: argparse.Namespace) -> int:
 async def check(args: argparse.Namespace, root: Path) -> int:
     """One run; when it fails, the shortest failing prefix and how to replay it."""
     instances = 1 if args.store == "sqlite" else args.instances
-    plan = Plan(args.store, instances, args.sessions, args.fault_rate, root)
+    plan = Plan(args.store, instances, args.sessions, args.fault_rate, root, args.seeds, args.ack_replicas == 1)
     result = await run_chaos(plan, args.seed, args.steps, args.time_limit, args.keep)
     print(result.report(verbose=args.verbose), flush=True)
     if result.ok:
@@ -1342,8 +1534,10 @@ async def check(args: argparse.Namespace, root: Path) -> int:
     replay = f"python -m bench.chaos --store {args.store} --seed {args.seed} --steps {prefix}"
     if (args.sessions, args.fault_rate) != (DEFAULT_SESSIONS, DEFAULT_FAULT_RATE):
         replay += f" --sessions {args.sessions} --fault-rate {args.fault_rate}"
-    if args.store == "redis":
+    if args.store != "sqlite":
         replay += f" --instances {instances}"
+    if args.store == "cluster" and (plan.seeds, plan.ack_replicas) != (CLUSTER_NODES, True):
+        replay += f" --seeds {plan.seeds} --ack-replicas {args.ack_replicas}"
     if args.broken is not None:
         replay += f" --broken {args.broken}"
     print(f"seed {args.seed}: shortest failing prefix {prefix} steps; replay: {replay}")

@@ -58,8 +58,8 @@ BROKEN: dict[str, Broken] = {
         (
             Edit(
                 "relay.py",
-                "self._release(reply, resumed.replay, resumed.last_seq)",
-                "self._release(reply, (), resumed.last_seq)  # BROKEN",
+                "self._release(code, reply, resumed.replay, resumed.last_seq)",
+                "self._release(code, reply, (), resumed.last_seq)  # BROKEN",
             ),
         ),
     ),
@@ -72,6 +72,19 @@ BROKEN: dict[str, Broken] = {
                 "relay.py",
                 "await self.store.append(code, client_id, self.id, request.data, now, limits, request.mid)",
                 "await self.store.append(code, client_id, self.id, request.data, now, limits, None)  # BROKEN",
+            ),
+        ),
+    ),
+    # A member that goes offline is never announced: its peer believes it online.
+    "no-offline": Broken(
+        "the relay never sends session:presence online: false",
+        "both",
+        (
+            Edit(
+                "relay.py",
+                "                self._tell(code, protocol.Presence(client_id, online), client_id)\n",
+                "                if online:  # BROKEN\n"
+                "                    self._tell(code, protocol.Presence(client_id, online), client_id)\n",
             ),
         ),
     ),

@@ -2,7 +2,8 @@
 
 Pure bookkeeping, no I/O: the driver (bench/chaos.py) feeds it every frame and
 every ack, and it answers with the problems it sees, at once where one frame
-proves them and after the run (`final_problems`) where only the whole story does.
+proves them, when a connection closes or after the run where only the whole
+story does, and (`presence_problems`) what a connection believes of its peers.
 """
 
 from __future__ import annotations
@@ -52,6 +53,11 @@ class SessionModel:
         # `message:send` frames issued so far (resends included): each makes at
         # most one seq, so this bounds the session's newest seq at any moment.
         self.issued = 0
+        # The driver moved the session's deadline to now (an expiry fault): from
+        # then on any request in it may get `not_found`, and its members
+        # `session:expired`.
+        self.expiring = False
+        self.left: set[str] = set()  # members known to have left for good
 
     def new_send(self, sender: str, mid: str, raw: bytes) -> Sent:
         sent = Sent(sender, mid, raw)
@@ -140,6 +146,13 @@ class View:
     closed: int | None = None
     cut: bool = False
     label: str = ""  # which connection, for reports
+    # What this connection was told of the other members: client_id -> online,
+    # from its reply's `clients`, then `session:paired`, `session:presence` and
+    # `session:peer_left`.
+    peers: dict[str, bool] = field(default_factory=dict)
+    # `session:expired` ended it with this reason: every message stored before
+    # the end was sent to it first (the store publishes in commit order).
+    expired: str | None = None
 
     @property
     def floor(self) -> int:
@@ -213,6 +226,24 @@ def view_problems(view: View, redis: bool) -> list[str]:
             f"{view.mode} of {me} in {session.code} from {view.baseline} (reply last_seq {view.last_seq})"
             f" did not send seqs {seq_list(missing)} ({view.label}, closed {view.closed})"
         )
+    if view.expired == "ttl":
+        # The sweeper's end (the driver moves `ttl_at`): everything stored came
+        # first. Reason "idle" is a listener's resync finding the session gone,
+        # with its history, so its tail may be missing (Known limits).
+        newest = max(session.by_seq, default=0)
+        tail = [
+            seq
+            for seq in range(max(view.floor, max(got, default=0)) + 1, newest + 1)
+            if seq not in got
+            and (sent := session.by_seq.get(seq)) is not None
+            and sent.sender != me
+            and member.excused(seq) is None
+        ]
+        if tail:
+            problems.append(
+                f"{view.label} of {me} in {session.code} got session:expired before seqs {seq_list(tail)},"
+                " stored before the session ended"
+            )
     live = [(seq, issued) for seq, issued in view.received if seq > view.last_seq]
     if not live:
         return problems
@@ -255,3 +286,34 @@ def member_problems(member: MemberModel) -> list[str]:
         f"{member.client_id} in {member.session.code} never received seqs {seq_list(missing)}"
         f" ({len(acked)} of them acknowledged to the sender)"
     ]
+
+
+def presence_problems(
+    view: View, truth: dict[str, bool | None], left: set[str], unknown_may_be_online: bool
+) -> list[tuple[str, str]]:
+    """Where what a connection believes of the other members is not the truth:
+    (client_id, problem) pairs.
+
+    `truth` maps each peer the driver knows in the session to online (it holds
+    an open connection that joined or resumed), offline, or None when either
+    may be right (its leave's reply was lost); a member in `left` left for good
+    and must be gone from the connection's view (`session:peer_left`). A
+    client_id the driver does not know is a join whose reply was lost: it may
+    hold a place, online only while `unknown_may_be_online` (such a join is
+    still in flight).
+    """
+    problems = []
+    for client_id, online in truth.items():
+        told = view.peers.get(client_id)
+        if online is None:
+            continue
+        if told is None:
+            problems.append((client_id, f"was never told of member {client_id} (online={online})"))
+        elif told != online:
+            problems.append((client_id, f"believes {client_id} online={told}, but it is online={online}"))
+    for client_id, told in view.peers.items():
+        if client_id in left:
+            problems.append((client_id, f"still counts {client_id} as a member (online={told}), which left"))
+        elif client_id not in truth and told and not unknown_may_be_online:
+            problems.append((client_id, f"believes {client_id}, a member the driver never saw join, is online"))
+    return problems
