@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
+import math
 import os
 import random
 import shutil
@@ -90,7 +91,12 @@ SWEEP_INTERVAL = 0.25  # s between expiry sweeps: a session past its deadline en
 # cut: the listener's reconnect and resync); within the pause after a SIGSTOP.
 PRESENCE_PROMPT = 3.0
 PRESENCE_AFTER_FAULT = 10.0
-CHECKPOINT_EVERY = 40  # steps between quiet checkpoints, where the driver waits for presence to converge
+CHECKPOINT_EVERY = 40
+# Faults during which the store does not answer (some of it, on a cluster), and how
+# long after one a connection that closes may still not be marked offline (redis-py
+# finds a pooled connection to the old Redis dead only when it uses it).
+STORE_OUTAGES = ("redis-kill9", "failover", "seed-down")
+OUTAGE_AFTERMATH = 5.0  # steps between quiet checkpoints, where the driver waits for presence to converge
 # The expiry fault on Redis: a session's hard deadline moves to ARGV[1] (ms), if the session exists.
 MOVE_DEADLINE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
@@ -129,6 +135,9 @@ class Plan:
     root: Path = ROOT  # the tree whose server.py runs (a broken copy, for bench/chaos_broken.py)
     seeds: int = CLUSTER_NODES  # cluster: the nodes REDIS_URL names
     ack_replicas: bool = True  # cluster: REDIS_ACK_REPLICAS=1 (an ack waits for a replica)
+    # A member whose connection closed while the store was down may stay online for
+    # its peers (a known limit); strict: that is a violation too.
+    strict_presence: bool = False
 
     @property
     def redis(self) -> bool:
@@ -421,10 +430,16 @@ class Slot:
     roles: list[MemberModel | None] = field(default_factory=lambda: [None, None])
     busy: set[int] = field(default_factory=set)  # roles whose create or join is in flight
     ghost: bool = False  # a join whose reply was lost may hold a place
+    stale_ghost: bool = False  # ... and, lost in a store outage, may stay online (README, Known limits)
     full: bool = False  # ... and one did: a join got session_full
 
     def members(self) -> list[tuple[int, MemberModel]]:
         return [(r, m) for r, m in enumerate(self.roles) if m is not None and m.state != "left"]
+
+    def clear(self) -> None:
+        """No session here any more: the next operation on the slot creates one."""
+        self.session, self.roles, self.busy = None, [None, None], set()
+        self.ghost = self.stale_ghost = self.full = False
 
 
 @dataclass(eq=False)
@@ -520,6 +535,9 @@ class Engine:
         # Presence: (start, end) of the time after each fault in which presence may
         # lag (trio time); when each mismatch was first seen; those reported.
         self.graces: list[tuple[float, float]] = []
+        self.outage_started: float | None = None  # a store outage in progress since (trio time)
+        self.outage_ended = -math.inf
+        self.stale_excused: set[str] = set()  # members seen online by a peer after a close in an outage
         self._mismatch_since: dict[tuple[int, str], float] = {}
         self._presence_reported: set[tuple[int, str]] = set()
 
@@ -554,7 +572,7 @@ class Engine:
                     await self.execute(step)
                     done += 1
                     await self.after_step()
-                    if done % CHECKPOINT_EVERY == 0:
+                    if done % CHECKPOINT_EVERY == 0 or (step.fault is not None and self.lagging(step.fault)):
                         await self.checkpoint()
                     else:
                         self.check_presence()
@@ -598,8 +616,7 @@ class Engine:
             await self.cluster.heal()
         for slot in self.slots:  # a session that expired: its slot gets a new one
             if slot.session is not None and slot.session.expiring:
-                slot.session, slot.roles, slot.ghost, slot.full = None, [None, None], False, False
-                slot.busy.clear()
+                slot.clear()
         for link in self.links:  # a connection whose session expired is in none: the client closes it
             if link.close_code is None and link.view is not None and link.view.expired is not None:
                 await link.wire.drop(reset=False)
@@ -626,12 +643,16 @@ class Engine:
             slot = self.slot_of(session)
             if session.expiring or slot is None or member.state != "member" or self.current.get(member) is not link:
                 continue
-            truth = {
-                peer.client_id: None if peer.state == "uncertain" else self.online(peer)
-                for _, peer in slot.members()
-                if peer is not member
-            }
-            for client_id, problem in presence_problems(view, truth, session.left, bool(slot.busy)):
+            truth: dict[str, bool | None] = {}
+            for _, peer in slot.members():
+                online = self.online(peer)
+                stale = peer.stale_online and not online and not self.plan.strict_presence
+                if stale and view.peers.get(peer.client_id):
+                    self.stale_excused.add(peer.client_id)
+                if peer is not member:
+                    truth[peer.client_id] = None if peer.state == "uncertain" or stale else online
+            ghost = bool(slot.busy) or (slot.stale_ghost and not self.plan.strict_presence)
+            for client_id, problem in presence_problems(view, truth, session.left, ghost):
                 found[(link.number, client_id)] = f"{view.label} of {member.client_id} in {session.code} {problem}"
         return found
 
@@ -921,6 +942,8 @@ class Engine:
         self.stats[f"fault {fault.kind}"] += 1
         instance = self.instances[fault.instance % len(self.instances)]
         started = trio.current_time()
+        if fault.kind in STORE_OUTAGES:
+            self.outage_started = started
         match fault.kind:
             case "kill9":
                 instance.kill9()
@@ -935,6 +958,7 @@ class Engine:
                 instance.resume()
             case "redis-kill9" if self.redis is not None:
                 self.redis.kill9()
+                await self.drop_one(fault.target)  # a client goes away while Redis is down
                 await trio.sleep(fault.duration)
                 await self.redis.start()
             case "pubsub-kill" if self.redis is not None:
@@ -942,17 +966,31 @@ class Engine:
             case "pubsub-kill" if self.cluster is not None:
                 self.stats["pub/sub connections cut"] += await self.cluster.cut_pubsub()
             case "failover" if self.cluster is not None:
-                await self.cluster.kill_master(fault.target)
+                async with trio.open_nursery() as nursery:  # a client goes away during the failover
+                    nursery.start_soon(self.cluster.kill_master, fault.target)
+                    nursery.start_soon(self.drop_one, fault.target)
                 await self.cluster.heal()
             case "seed-down" if self.cluster is not None:
                 await self.seed_down(instance)
             case "expire":
                 await self.expire(self.slots[fault.target % len(self.slots)])
+        if fault.kind in STORE_OUTAGES:
+            self.outage_started, self.outage_ended = None, trio.current_time()
         # Presence may lag a fault: on Redis by the dead-instance bound, or the
         # listener's reconnect and resync; else by the prompt bound after it ended.
-        lagging = fault.kind in ("redis-kill9", "pubsub-kill", "failover", "seed-down")
-        lagging = lagging or (fault.kind == "kill9" and self.plan.redis)
-        self.graces.append((started, trio.current_time() + (PRESENCE_AFTER_FAULT if lagging else PRESENCE_PROMPT)))
+        self.graces.append(
+            (started, trio.current_time() + (PRESENCE_AFTER_FAULT if self.lagging(fault) else PRESENCE_PROMPT))
+        )
+
+    def lagging(self, fault: Fault) -> bool:
+        """Presence may take the dead-instance bound to converge after this fault."""
+        return fault.kind in (*STORE_OUTAGES, "pubsub-kill") or (fault.kind == "kill9" and self.plan.redis)
+
+    async def drop_one(self, pick: int) -> None:
+        """Drop the socket of online member number `pick` (of those online, by slot and role)."""
+        online = [m for slot in self.slots for _, m in slot.members() if self.online(m)]
+        if online:
+            await self.drop(online[pick % len(online)], reset=False)
 
     async def drain(self, instance: Instance) -> None:
         """SIGTERM: the instance must drain and exit with 0."""
@@ -1038,6 +1076,8 @@ class Engine:
             if link.view is not None:
                 link.view.closed, link.view.cut = code, code in (DROPPED, NO_CLOSE_FRAME)
                 self.check_view(link.view)
+            if self.in_outage():
+                self.closed_in_outage(link)
             for pending in link.pending.values():
                 self.lost(link, pending)
             link.pending.clear()
@@ -1045,6 +1085,22 @@ class Engine:
                 del self.current[link.view.member]
             await trio.aclose_forcefully(link.wire.stream)
             link.closed.set()
+
+    def in_outage(self) -> bool:
+        """The store is down (or its cluster fails over), or was a moment ago: a
+        connection closing now may not be marked offline by the server."""
+        return self.outage_started is not None or trio.current_time() < self.outage_ended + OUTAGE_AFTERMATH
+
+    def closed_in_outage(self, link: Link) -> None:
+        """`link` closed during a store outage: its member, or the member its join or
+        resume may have made, may stay online for its peers (README, Known limits)."""
+        if link.view is not None:
+            link.view.member.stale_online = True
+        for pending in link.pending.values():
+            if pending.kind == "resume" and pending.member is not None:
+                pending.member.stale_online = True
+            elif pending.kind == "join" and pending.slot is not None and pending.slot.session is pending.session:
+                pending.slot.stale_ghost = True
 
     def lost(self, link: Link, pending: Pending) -> None:
         """A request whose reply will never come: its outcome is unknown."""
@@ -1176,6 +1232,10 @@ class Engine:
             # The store is away or the instance drains: the request had no effect, or
             # one the reply could not tell (a resume may have taken the member over,
             # a leave may have left: it stays uncertain until a resume tells).
+            if self.in_outage() and pending.kind == "resume" and member is not None:
+                member.stale_online = True
+            if self.in_outage() and pending.kind == "join" and slot is not None and slot.session is session:
+                slot.stale_ghost = True
             return
         if pending.kind == "leave" and member is not None and member.state == "uncertain":
             member.state = "member"  # a refused leave had no effect
@@ -1205,6 +1265,7 @@ class Engine:
 
     def enter(self, link: Link, view: View) -> None:
         """The connection now holds the member: its messages count from here."""
+        view.member.stale_online = False  # the store knows where it is again
         link.view = view
         view.label = f"connection {link.number} on instance {link.instance}.{self.instances[link.instance].incarnation}"
         self.views.append(view)
@@ -1230,7 +1291,7 @@ class Engine:
     def tidy(slot: Slot) -> None:
         """A slot whose members all left, with no join in flight, has no session any more."""
         if slot.session is not None and not slot.members() and not slot.busy:
-            slot.session, slot.ghost, slot.full = None, False, False
+            slot.clear()
 
     def on_message(self, link: Link, frame: dict[str, Any], text: str) -> None:
         view = link.view
@@ -1298,6 +1359,7 @@ class Engine:
                     self.problems("lost", member_problems(member))
         excused = sum(e.why.startswith("left history while") for v in self.views for e in v.member.excuses)
         self.stats["live gaps excused (left history while a listener reconnected)"] = excused
+        self.stats["members online for a peer after a close in a store outage (excused)"] = len(self.stale_excused)
 
     async def shutdown(self) -> None:
         for link in list(self.links):
@@ -1504,6 +1566,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--shrink-time", type=float, default=900.0, help="seconds the shrinking may take (0: none)")
     parser.add_argument("--keep", type=Path, default=None, help="keep each run's logs under this directory")
     parser.add_argument("--broken", default=None, help="run a deliberately broken copy (bench/chaos_broken.py)")
+    parser.add_argument(
+        "--strict-presence",
+        action="store_true",
+        help="a member whose connection closed while the store was down must go offline too (a known limit)",
+    )
     parser.add_argument("--verbose", action="store_true", help="print every counter of the run")
     return parser.parse_args(argv)
 
@@ -1522,7 +1589,16 @@ async def main_async(args: argparse.Namespace) -> int:
 async def check(args: argparse.Namespace, root: Path) -> int:
     """One run; when it fails, the shortest failing prefix and how to replay it."""
     instances = 1 if args.store == "sqlite" else args.instances
-    plan = Plan(args.store, instances, args.sessions, args.fault_rate, root, args.seeds, args.ack_replicas == 1)
+    plan = Plan(
+        args.store,
+        instances,
+        args.sessions,
+        args.fault_rate,
+        root,
+        args.seeds,
+        args.ack_replicas == 1,
+        args.strict_presence,
+    )
     result = await run_chaos(plan, args.seed, args.steps, args.time_limit, args.keep)
     print(result.report(verbose=args.verbose), flush=True)
     if result.ok:
@@ -1538,6 +1614,8 @@ async def check(args: argparse.Namespace, root: Path) -> int:
         replay += f" --instances {instances}"
     if args.store == "cluster" and (plan.seeds, plan.ack_replicas) != (CLUSTER_NODES, True):
         replay += f" --seeds {plan.seeds} --ack-replicas {args.ack_replicas}"
+    if args.strict_presence:
+        replay += " --strict-presence"
     if args.broken is not None:
         replay += f" --broken {args.broken}"
     print(f"seed {args.seed}: shortest failing prefix {prefix} steps; replay: {replay}")

@@ -120,6 +120,10 @@ class MemberModel:
     processed: set[int] = field(default_factory=set)
     excuses: list[Excuse] = field(default_factory=list)
     sends: list[Sent] = field(default_factory=list)
+    # One of its connections closed (or its resume was answered `unavailable`)
+    # while the store was down, so the server could not mark it offline: its
+    # peers may see it online until it resumes (README, Known limits).
+    stale_online: bool = False
 
     def excused(self, seq: int) -> Excuse | None:
         return next((e for e in self.excuses if e.covers(seq)), None)

@@ -3,21 +3,32 @@
 Each run starts its own Tandem processes (on Redis: two instances and a private
 redis-server, append-only with fsync always), runs a seeded schedule of client
 operations and faults (kill -9, SIGTERM drains, SIGSTOP, Redis kill -9, cut
-pub/sub connections), bounded in steps and in time, and checks every frame
-against the model (bench/chaos_model.py), whose own checks are tested below on
-hand-made histories.
+pub/sub connections, a session reaching its deadline), bounded in steps and in
+time, and checks every frame and the members' presence against the model
+(bench/chaos_model.py), whose own checks are tested below on hand-made histories.
+The Redis Cluster plan (`--store cluster`) takes seconds per failover: it is
+run by hand (README, "Chaos testing").
 """
 
 from __future__ import annotations
 
 import pytest
 
-from bench.chaos import Plan, run_chaos, schedule
-from bench.chaos_model import Excuse, MemberModel, SessionModel, View, member_problems, reply_problems, view_problems
+from bench.chaos import FAULTS, Plan, run_chaos, schedule
+from bench.chaos_model import (
+    Excuse,
+    MemberModel,
+    SessionModel,
+    View,
+    member_problems,
+    presence_problems,
+    reply_problems,
+    view_problems,
+)
 
 # store: (seed, steps at most, seconds the steps may take; settling and stopping add a few).
 # Each seed's first 200 steps hold every fault of its store at least twice.
-RUNS = {"sqlite": (20261132, 600, 22.0), "redis": (20261129, 600, 29.0)}
+RUNS = {"sqlite": (20261134, 600, 22.0), "redis": (20261164, 600, 29.0)}
 H = 20
 
 
@@ -39,6 +50,13 @@ def test_a_schedule_is_a_prefix_of_any_longer_one_of_its_seed() -> None:
     assert schedule(7, 120, plan) == long[:120]
     assert schedule(8, 120, plan) != long[:120]
     assert any(step.fault is not None for step in long)
+
+
+@pytest.mark.parametrize("store", sorted(RUNS))
+def test_each_fixed_seed_holds_every_fault_of_its_store_twice_in_200_steps(store: str) -> None:
+    seed, _, _ = RUNS[store]
+    kinds = [step.fault.kind for step in schedule(seed, 200, Plan(store, 1 if store == "sqlite" else 2)) if step.fault]
+    assert all(kinds.count(kind) >= 2 for kind in FAULTS[store]), kinds
 
 
 # --- the model on hand-made histories ----------------------------------------------------------
@@ -114,3 +132,31 @@ def test_a_member_must_end_with_every_peer_message_but_those_reported_lost() -> 
     assert "never received seqs 1, 2" in member_problems(member)[0]
     member.excuses.append(Excuse(0, 2, "resume reported recovered: false"))
     assert member_problems(member) == []
+
+
+def test_presence_must_be_what_the_peer_really_is() -> None:
+    session = session_with()
+    view = View(MemberModel(session, "a", "token", horizon=0), "resume", 0, 0, peers={"b": True})
+    assert presence_problems(view, {"b": True}, set(), unknown_may_be_online=False) == []
+    assert "online=True, but it is online=False" in presence_problems(view, {"b": False}, set(), False)[0][1]
+    assert presence_problems(view, {"b": None}, set(), False) == []  # its leave's reply was lost: either
+    assert "never told" in presence_problems(View(view.member, "create", 0, 0), {"b": False}, set(), False)[0][1]
+    assert "which left" in presence_problems(view, {}, {"b"}, False)[0][1]
+    # A join whose reply was lost may hold a place: online only while it is in flight.
+    assert "never saw join" in presence_problems(view, {}, set(), False)[0][1]
+    assert presence_problems(view, {}, set(), unknown_may_be_online=True) == []
+    view.peers["b"] = False
+    assert presence_problems(view, {}, set(), False) == []
+
+
+def test_an_expired_connection_must_have_every_message_stored_before_the_end() -> None:
+    session = session_with("a", "a", "a")
+    for seq in range(1, 4):
+        session.stored(seq, "a", f"m{seq}", str(seq).encode())
+    member = MemberModel(session, "b", "token", horizon=0)
+    view = View(member, "join", 0, 1, received=[(1, 1), (2, 2)], expired="ttl")
+    assert "got session:expired before seqs 3" in view_problems(view, redis=False)[0]
+    view.received.append((3, 3))
+    assert view_problems(view, redis=False) == []
+    # "idle": a listener's resync found the session gone with its history: the tail may be missing.
+    assert view_problems(View(member, "join", 0, 1, received=[(1, 1)], expired="idle"), redis=True) == []
