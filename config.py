@@ -131,8 +131,27 @@ def _networks(raw: str) -> tuple[str, ...]:
     return tuple(str(ipaddress.ip_network(part.strip(), strict=False)) for part in raw.split(",") if part.strip())
 
 
+def seed_urls(url: str) -> list[str]:
+    """One URL per node of `redis://[auth@]host:port,host:port[/db][?options]`.
+
+    Several nodes are a cluster's seeds: the client learns the cluster's
+    layout from whichever answers first.
+    """
+    scheme, sep, rest = url.partition("://")
+    end = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    auth, at, hosts = rest[:end].rpartition("@")
+    return [f"{scheme}{sep}{auth}{at}{host}{rest[end:]}" for host in hosts.split(",")]
+
+
 def _redis_url(raw: str) -> str:
-    return raw if raw.startswith(("redis://", "rediss://", "unix://")) else _refuse(raw)
+    if not raw.startswith(("redis://", "rediss://", "unix://")) or any(c.isspace() for c in raw):
+        raise ValueError(raw)
+    seeds = seed_urls(raw)
+    for seed in seeds:  # every node of a list is HOST:PORT
+        parts = urlsplit(seed)
+        if len(seeds) > 1 and (parts.scheme == "unix" or not parts.hostname or parts.port is None):
+            raise ValueError(raw)
+    return raw
 
 
 def _database_url(raw: str) -> str:
@@ -172,7 +191,12 @@ ORIGINS = Kind(
     _origins, "list", "* or a comma-separated list of origins such as https://app.example.com", "comma-separated"
 )
 NETWORKS = Kind(_networks, "list", "a comma-separated list of IP addresses or CIDRs", "comma-separated")
-REDIS_URL = Kind(_redis_url, "url", "a redis://, rediss:// or unix:// URL")
+REDIS_URL = Kind(
+    _redis_url,
+    "url",
+    "a redis://, rediss:// or unix:// URL; a cluster's seeds as redis://HOST:PORT,HOST:PORT",
+    mask=_mask_password,
+)
 POSTGRES_URL = Kind(
     _database_url, "url", "a postgresql:// URL such as postgresql://user@host:5432/tandem", mask=_mask_password
 )
@@ -264,8 +288,25 @@ class Config:
         "`redis://[:password@]host:port[/db]`, `rediss://…` (TLS) or `unix://…`: sessions live in Redis, "
         "shared by instances; empty: SQLite",
         section="Redis (shared sessions across instances)",
+        secret=True,
     )
-    redis_cluster: bool = setting(False, FLAG, "`1`: `REDIS_URL` names a node of a Redis Cluster")
+    redis_cluster: bool = setting(
+        False,
+        FLAG,
+        "`1`: `REDIS_URL` names nodes of a Redis Cluster, any number of them as seeds: "
+        "`redis://[:password@]host:port,host:port,…`",
+    )
+    redis_ack_replicas: int = setting(
+        0,
+        integer(0, 16, "replicas"),
+        "an ack waits until this many replicas hold the write too (Redis `WAIT`); 0: the master's write alone "
+        '(README "What an ack promises")',
+    )
+    redis_ack_timeout: float = setting(
+        0.5,
+        seconds(0.01, 1.5),
+        "how long a write waits for `REDIS_ACK_REPLICAS`; past it the client gets `unavailable` and resends",
+    )
     database_url: str | None = setting(
         None,
         POSTGRES_URL,
@@ -459,6 +500,8 @@ def load(env: Mapping[str, str] | None = None, dotenv: Path | None = Path(".env"
     config = Config(**{s.field: s.read(merged) for s in SETTINGS})
     if config.redis_cluster and config.redis_url is None:
         raise ConfigError("REDIS_CLUSTER", "1", "REDIS_URL to be set as well (a node of the cluster)")
+    if config.redis_url is not None and len(seed_urls(config.redis_url)) > 1 and not config.redis_cluster:
+        raise ConfigError("REDIS_URL", _mask_password(config.redis_url), "one node, or REDIS_CLUSTER=1 for several")
     if config.pre_drain_delay > config.shutdown_grace / 2:
         raise ConfigError(
             "PRE_DRAIN_DELAY",

@@ -19,8 +19,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import redis
-import redis.cluster
 from starlette.types import Scope
 
 import redis_client
@@ -391,30 +389,18 @@ class RedisLimiter:
     (or, with `fail_closed`, refuses), counted and logged once per outage.
     """
 
-    def __init__(
-        self,
-        client: redis.Redis | redis.cluster.RedisCluster,
-        *,
-        fail_closed: bool = False,
-    ) -> None:
-        self._client = client
-        self._script = client.register_script(LUA_WINDOW)
+    def __init__(self, connector: redis_client.Connector, *, fail_closed: bool = False) -> None:
+        self._redis = connector
+        self._script = redis_client.Script(LUA_WINDOW)
         self._fallback = MemoryLimiter()
         self._fail_closed = fail_closed
         self.outage = Outage(log, "limiter.redis_down", "limiter.redis_back")
         self.fallbacks = 0  # checks decided without Redis
 
     def _call(self, rule: Rule, key: str, mode: str, now_ms: int | None = None) -> Decision:
-        reply = self._script(
-            keys=[redis_key(rule, key)],
-            args=[
-                rule.limit,
-                round(rule.window * 1000),
-                mode,
-                "" if now_ms is None else now_ms,
-            ],
-        )
-        return parse_reply(reply)
+        """In a worker thread: one check (`now_ms`: a refund's stamp, or a test's clock)."""
+        args = [rule.limit, round(rule.window * 1000), mode, "" if now_ms is None else now_ms]
+        return parse_reply(self._script(self._redis.client, [redis_key(rule, key)], args))
 
     async def _run(self, rule: Rule, key: str, mode: str, stamp_ms: int | None = None) -> Decision:
         try:

@@ -1,14 +1,19 @@
-"""Redis clients for Tandem, and one way to call them off the event loop.
+"""The Redis client of an instance, and one way to call it off the event loop.
 
-redis-py's asyncio client does not run under Trio, so every call goes
-through a worker thread with a timeout at the call site. Every redis-py error
-that means "Redis, or part of a cluster, is not there right now" becomes one
+redis-py's asyncio client does not run under Trio, so every call goes through
+a worker thread with a timeout at the call site. Every redis-py error that
+means "Redis, or part of a cluster, is not there right now" becomes one
 `unavailable` error (with `retry_after`), for the store and the limiter alike.
+A cluster client is made on first use, from any of several seed nodes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import redis
@@ -17,6 +22,7 @@ import trio
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from config import seed_urls
 from protocol import ErrorCode, ServerError
 
 T = TypeVar("T")
@@ -38,6 +44,7 @@ DOWN_ERRORS: tuple[type[Exception], ...] = (
     redis.exceptions.RedisClusterException,
     redis.exceptions.ReadOnlyError,
     redis.exceptions.TryAgainError,
+    redis.exceptions.AskError,  # MOVED included: a slot changed hands in a failover
 )
 
 DOWN_OR_SLOW: tuple[type[Exception], ...] = (*DOWN_ERRORS, trio.TooSlowError)
@@ -53,9 +60,8 @@ def unavailable(detail: str) -> ServerError:
     )
 
 
-async def connect(url: str, *, cluster: bool) -> Client:
-    """A client for `url`; connections are made lazily, so Redis may be down now."""
-    options: dict[str, Any] = {
+def _options() -> dict[str, Any]:
+    return {
         "socket_timeout": SOCKET_TIMEOUT_S,
         "socket_connect_timeout": CONNECT_TIMEOUT_S,
         "health_check_interval": 10,
@@ -64,9 +70,78 @@ async def connect(url: str, *, cluster: bool) -> Client:
         # gets `unavailable` and decides.
         "retry": Retry(NoBackoff(), 0),
     }
-    if cluster:  # asks a node for the slot map: off the event loop
-        return await trio.to_thread.run_sync(lambda: redis.cluster.RedisCluster.from_url(url, **options))
-    return redis.Redis.from_url(url, **options)
+
+
+def _cluster_client(url: str) -> redis.cluster.RedisCluster:
+    """A cluster client from the seeds of `url`; it asks them for the slot map now."""
+    seeds = [redis.connection.parse_url(seed) for seed in seed_urls(url)]  # type: ignore[no-untyped-call]
+    nodes = [redis.cluster.ClusterNode(s["host"], s.get("port", 6379)) for s in seeds]  # type: ignore[no-untyped-call]
+    shared = {k: v for k, v in seeds[0].items() if k not in ("host", "port", "db")}
+    return redis.cluster.RedisCluster(startup_nodes=nodes, **shared, **_options())
+
+
+class Connector:
+    """This instance's one Redis client, made on first use.
+
+    A plain client connects lazily by itself. redis-py's cluster client asks
+    its seed nodes for the slot map in its constructor and fails when none
+    answers, so here it is made by the first call that finds a seed answering
+    (at most one attempt per RETRY_AFTER_S); until then calls are `unavailable`.
+    """
+
+    def __init__(self, url: str, *, cluster: bool, client: Client | None = None) -> None:
+        self.cluster = cluster
+        self._url = url
+        if client is None and not cluster:
+            client = redis.Redis.from_url(url, **_options())
+        self._client = client
+        self._lock = threading.Lock()
+        self._next_attempt = 0.0
+
+    @classmethod
+    def of(cls, client: Client) -> Connector:
+        """A connector around a client made elsewhere (tests, benchmarks)."""
+        return cls("", cluster=isinstance(client, redis.cluster.RedisCluster), client=client)
+
+    @property
+    def client(self) -> Client:
+        """The client: in a worker thread only, as making a cluster's talks to it."""
+        client = self._client
+        if client is not None:
+            return client
+        with self._lock:
+            if self._client is None:
+                now = time.monotonic()
+                if now < self._next_attempt:
+                    raise redis.exceptions.RedisClusterException("no seed node of the cluster answered yet")
+                self._next_attempt = now + RETRY_AFTER_S
+                self._client = _cluster_client(self._url)
+            return self._client
+
+    async def call(self, fn: Callable[[Client], T]) -> T:
+        """`fn(client)` in a worker thread: its result, or `unavailable`."""
+        return await call(lambda: fn(self.client))
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+
+@dataclass(frozen=True)
+class Script:
+    """A Lua script run by its SHA1, and by its body when a node does not know it yet."""
+
+    body: str
+    sha: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.body.encode()).hexdigest())
+
+    def __call__(self, client: Client, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        try:
+            return client.evalsha(self.sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:  # a restarted or new node: EVAL caches it there
+            return client.eval(self.body, len(keys), *keys, *args)
 
 
 async def call(fn: Callable[..., T], *args: Any) -> T:

@@ -82,16 +82,16 @@ class Instances:
 
     def __init__(
         self,
-        client: redis_client.Client,
+        connector: redis_client.Connector,
         disconnect: Callable[[str, str, str], Awaitable[None]],
         evicted: Callable[[], None],
     ) -> None:
-        self.client = client
+        self.redis = connector
         self.id = secrets.token_hex(8)
         self._disconnect = disconnect
         self._evicted = evicted
-        self._heartbeat = client.register_script(_HEARTBEAT)
-        self._claim_dead = client.register_script(_CLAIM_DEAD)
+        self._heartbeat = redis_client.Script(_HEARTBEAT)
+        self._claim_dead = redis_client.Script(_CLAIM_DEAD)
         self._stale: set[str] = set()  # entries to drop at the next beat
         self._beats = 0
         self.reaped = 0  # members of dead instances marked offline by this one
@@ -99,17 +99,17 @@ class Instances:
     async def online(self, code: str, client_id: str, conn_id: str) -> None:
         """A member is online here. Best effort: Redis down, it is only not reaped."""
         with contextlib.suppress(ServerError):
-            await redis_client.call(self._add_member, _entry(code, client_id, conn_id))
+            await self.redis.call(lambda client: self._add_member(client, _entry(code, client_id, conn_id)))
 
-    def _add_member(self, entry: str) -> None:
-        pipe = self.client.pipeline(transaction=False)
+    def _add_member(self, client: redis_client.Client, entry: str) -> None:
+        pipe = client.pipeline(transaction=False)
         pipe.sadd(members_key(self.id), entry)
         pipe.expire(members_key(self.id), int(MEMBERS_TTL_S))  # no key without a TTL
         pipe.execute()
 
     async def offline(self, code: str, client_id: str, conn_id: str) -> None:
         with contextlib.suppress(ServerError):
-            await redis_client.call(self.client.srem, members_key(self.id), _entry(code, client_id, conn_id))
+            await self.redis.call(lambda client: client.srem(members_key(self.id), _entry(code, client_id, conn_id)))
 
     def forget(self, code: str, client_id: str, conn_id: str) -> None:
         """Drop an entry at the next beat (from code that cannot wait: an ended session)."""
@@ -125,13 +125,12 @@ class Instances:
 
     async def _beat(self) -> None:
         first = "1" if self._beats == 0 else "0"
-        kept = await redis_client.call(
-            self._heartbeat, [INSTANCES_KEY, members_key(self.id)], [self.id, int(MEMBERS_TTL_S), first]
-        )
+        keys, args = [INSTANCES_KEY, members_key(self.id)], [self.id, int(MEMBERS_TTL_S), first]
+        kept = await self.redis.call(lambda client: self._heartbeat(client, keys, args))
         self._beats += 1
         if self._stale:
             stale, self._stale = list(self._stale), set()
-            await redis_client.call(self.client.srem, members_key(self.id), *stale)
+            await self.redis.call(lambda client: client.srem(members_key(self.id), *stale))
         if not kept:
             # Another instance found this one silent (a pause, a partition) and
             # marked its members offline: its sockets are closed, to resume anew.
@@ -139,22 +138,24 @@ class Instances:
             self._evicted()
 
     async def _reap(self) -> None:
-        dead: list[bytes] = await redis_client.call(
-            self._claim_dead, [INSTANCES_KEY], [round(DEAD_AFTER_S * 1000), self.id]
-        )
+        args = [round(DEAD_AFTER_S * 1000), self.id]
+        dead: list[bytes] = await self.redis.call(lambda client: self._claim_dead(client, [INSTANCES_KEY], args))
         for raw in dead:
-            instance = raw.decode()
-            key = members_key(instance)
-            entries = await redis_client.call(self.client.smembers, key)
-            for item in entries:
-                code, client_id, conn_id = (item.decode() if isinstance(item, bytes) else item).split("|", 2)
-                await self._disconnect(code, client_id, conn_id)
-            await redis_client.call(self.client.delete, key)
-            self.reaped += len(entries)
-            log.warning("redis.instance_dead", extra={"fields": {"instance": instance, "members": len(entries)}})
+            await self._reap_members(raw.decode())
+
+    async def _reap_members(self, instance: str) -> None:
+        """Every member the dead `instance` held: offline, then its set goes."""
+        key = members_key(instance)
+        entries = await self.redis.call(lambda client: client.smembers(key))
+        for item in entries:
+            code, client_id, conn_id = (item.decode() if isinstance(item, bytes) else item).split("|", 2)
+            await self._disconnect(code, client_id, conn_id)
+        await self.redis.call(lambda client: client.delete(key))
+        self.reaped += len(entries)
+        log.warning("redis.instance_dead", extra={"fields": {"instance": instance, "members": len(entries)}})
 
     async def leave(self) -> None:
         """A clean shutdown: this instance's entry goes (its members disconnected already)."""
         with contextlib.suppress(ServerError):
-            await redis_client.call(self.client.zrem, INSTANCES_KEY, self.id)
-            await redis_client.call(self.client.delete, members_key(self.id))
+            await self.redis.call(lambda client: client.zrem(INSTANCES_KEY, self.id))
+            await self.redis.call(lambda client: client.delete(members_key(self.id)))

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-import redis.cluster
 import trio
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -39,6 +38,8 @@ LISTEN_POLL_S = 0.02
 SUBSCRIBE_TIMEOUT_S = 3.0
 # Events handed to the trio thread per hop at most.
 DELIVER_BATCH = 256
+# The listener's connection failed (Redis, or the cluster, not there): reconnect, not a crash.
+RECONNECT_ERRORS: tuple[type[Exception], ...] = (*redis_client.DOWN_ERRORS, OSError)
 
 
 @dataclass
@@ -60,12 +61,12 @@ class Listener:
 
     def __init__(
         self,
-        client: redis.Redis | redis.cluster.RedisCluster,
+        connector: redis_client.Connector,
         dispatch: Dispatch,
         replay: Callable[[str], Awaitable[tuple[tuple[StoredMessage, ...], SessionState] | None]],
     ) -> None:
-        self.client = client
-        self.cluster = isinstance(client, redis.cluster.RedisCluster)
+        self.redis = connector
+        self.cluster = connector.cluster
         self._dispatch = dispatch
         self._replay = replay
         self._lock = threading.Lock()
@@ -130,7 +131,7 @@ class Listener:
                     trio.lowlevel.current_trio_token(),
                     abandon_on_cancel=True,
                 )
-            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            except RECONNECT_ERRORS as exc:
                 self.stats.reconnects += 1
                 self._outage.failed(type(exc).__name__)
             except Exception:
@@ -148,7 +149,7 @@ class Listener:
 
     def _listen(self, token: trio.lowlevel.TrioToken) -> None:
         """In a worker thread: own one PubSub; apply subscription changes; hand events to trio."""
-        pubsub: Any = self.client.pubsub()  # type: ignore[no-untyped-call]
+        pubsub: Any = self.redis.client.pubsub()  # type: ignore[no-untyped-call]
         poll = pubsub.get_sharded_message if self.cluster else pubsub.get_message
         try:
             self._resubscribe(pubsub, poll, token)

@@ -11,9 +11,9 @@ subscriptions of the sessions with a member here and hands events to the hub.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import secrets
+import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -65,6 +65,8 @@ SHARED_SECRET_KEY = "tandem:hash-key"
 EXPIRY_BUCKETS = 16
 # Sessions the sweeper checks per bucket per tick.
 SWEEP_BATCH = 200
+# A cluster's slot map is asked for again after a failed node or a moved slot, at most this often.
+LAYOUT_REFRESH_S = 1.0
 
 
 def expiry_bucket(code: str) -> str:
@@ -85,25 +87,30 @@ class RedisStore(SessionStore):
 
     def __init__(
         self,
-        client: redis.Redis | redis.cluster.RedisCluster,
+        connector: redis_client.Connector,
         dispatch: Dispatch,
         *,
         history_size: int,
         idle_ms: int,
         ttl_ms: int,
         fail_closed: bool = False,
+        ack_replicas: int = 0,
+        ack_timeout: float = 0.5,
     ) -> None:
-        self.client = client
-        self.cluster = isinstance(client, redis.cluster.RedisCluster)
+        self.redis = connector
+        self.cluster = connector.cluster
         self._dispatch = dispatch
         self._history = history_size
         self._idle_ms = idle_ms
         self._ttl_ms = ttl_ms
-        self._shas = {name: _sha1(body) for name, body in SCRIPTS.items()}
+        self._ack_replicas = ack_replicas
+        self._ack_timeout_ms = round(ack_timeout * 1000)
+        self._scripts = {name: redis_client.Script(body) for name, body in SCRIPTS.items()}
+        self._layout_checked = 0.0  # when a cluster's slot map was last refreshed
         self.writer = GroupCommit(self._execute, dispatch, abandon_on_cancel=True)
-        self.limiter = RedisLimiter(client, fail_closed=fail_closed)
-        self.listener = Listener(client, self._event, self._replay)
-        self.instances = Instances(client, self._reaped, lambda: dispatch(Evicted()))
+        self.limiter = RedisLimiter(connector, fail_closed=fail_closed)
+        self.listener = Listener(connector, self._event, self._replay)
+        self.instances = Instances(connector, self._reaped, lambda: dispatch(Evicted()))
         # Members online here, by session: their entries in this instance's set.
         self._here: dict[str, dict[str, str]] = {}
 
@@ -119,16 +126,20 @@ class RedisStore(SessionStore):
         idle_ms: int,
         ttl_ms: int,
         fail_closed: bool = False,
+        ack_replicas: int = 0,
+        ack_timeout: float = 0.5,
     ) -> AsyncIterator[RedisStore]:
         """Connect (lazily: Redis may be down at start-up) and run the writer and listener."""
-        client = await redis_client.connect(url, cluster=cluster)
+        connector = redis_client.Connector(url, cluster=cluster)
         store = cls(
-            client,
+            connector,
             dispatch,
             history_size=history_size,
             idle_ms=idle_ms,
             ttl_ms=ttl_ms,
             fail_closed=fail_closed,
+            ack_replicas=ack_replicas,
+            ack_timeout=ack_timeout,
         )
         try:
             async with trio.open_nursery() as nursery:
@@ -149,7 +160,7 @@ class RedisStore(SessionStore):
                     store.listener.stop()
                     nursery.cancel_scope.deadline = trio.current_time() + redis_client.SOCKET_TIMEOUT_S
         finally:
-            await trio.to_thread.run_sync(client.close)
+            await trio.to_thread.run_sync(connector.close)
 
     def register_metrics(self, registry: CollectorRegistry) -> None:
         """Expose the listener's restarts in `registry` (/metrics)."""
@@ -158,32 +169,65 @@ class RedisStore(SessionStore):
     # -- the writer: one pipeline of scripts per tick --
 
     def _execute(self, batch: list[Op]) -> None:
-        """In a worker thread: run each op's script in one pipeline."""
+        """In a worker thread: each op's script, in one pipeline per Redis node."""
+        try:
+            groups = self._by_node(batch)
+        except redis_client.DOWN_ERRORS as exc:
+            _fail(batch, redis_client.unavailable(type(exc).__name__))
+            return
+        for node, ops in groups:
+            self._execute_on(node, ops)
+
+    def _by_node(self, batch: list[Op]) -> list[tuple[redis.Redis, list[Op]]]:
+        """The ops of `batch` by the node that serves their session.
+
+        A cluster's nodes are sent plain pipelines rather than redis-py's
+        cluster pipeline, which sends a command again when its reply was lost
+        (an append would be stored twice) and cannot put `WAIT` on the
+        connection that carried the writes.
+        """
+        client = self.redis.client
+        if not isinstance(client, redis.cluster.RedisCluster):
+            return [(client, batch)]
+        nodes: dict[str, tuple[redis.Redis, list[Op]]] = {}
+        for op in batch:
+            script: _Script = op.payload
+            node = client.get_node_from_key(script.keys[0])  # type: ignore[no-untyped-call]
+            if node.redis_connection is None:
+                raise redis.exceptions.SlotNotCoveredError(f"no connection to {node.name}")
+            nodes.setdefault(node.name, (node.redis_connection, []))[1].append(op)
+        return list(nodes.values())
+
+    def _execute_on(self, node: redis.Redis, batch: list[Op]) -> None:
+        """Run `batch` in one pipeline on `node`; with REDIS_ACK_REPLICAS, `WAIT` ends it."""
         todo = list(batch)
-        for _attempt in range(2):  # a second pass after NOSCRIPT (Redis restarted)
-            pipe = self.client.pipeline(transaction=False)
+        for _attempt in range(2):  # a second pass after NOSCRIPT (a restarted or new node)
+            pipe = node.pipeline(transaction=False)
             for op in todo:
                 script: _Script = op.payload
-                # redis-py refuses `pipe.evalsha` on a cluster pipeline; the plain
-                # command is routed by its keys' slot, and on one Redis it is the same.
-                pipe.execute_command(
-                    "EVALSHA",
-                    self._shas[script.name],
-                    len(script.keys),
-                    *script.keys,
-                    *script.args,
-                )
+                pipe.evalsha(self._scripts[script.name].sha, len(script.keys), *script.keys, *script.args)
+            if self._ack_replicas:
+                # WAIT counts the replicas that hold every write this connection
+                # made; the pipeline's writes were the last ones.
+                pipe.wait(self._ack_replicas, self._ack_timeout_ms)
             try:
                 results = pipe.execute(raise_on_error=False)
             except redis_client.DOWN_ERRORS as exc:
-                for op in todo:
-                    op.error = redis_client.unavailable(type(exc).__name__)
+                self._layout_changed(exc)
+                _fail(todo, redis_client.unavailable(type(exc).__name__))
                 return
+            if self._ack_replicas:
+                replicas = results.pop()
+                if not isinstance(replicas, int) or replicas < self._ack_replicas:
+                    # The writes happened on the master; an ack would promise more.
+                    _fail(todo, redis_client.unavailable(f"{replicas} of {self._ack_replicas} replicas confirmed"))
+                    return
             missing = []
             for op, result in zip(todo, results, strict=True):
                 if isinstance(result, redis.exceptions.NoScriptError):
                     missing.append(op)
                 elif isinstance(result, redis_client.DOWN_ERRORS):
+                    self._layout_changed(result)
                     op.error = redis_client.unavailable(type(result).__name__)
                 elif isinstance(result, Exception):
                     op.error = result
@@ -193,17 +237,22 @@ class RedisStore(SessionStore):
                 return
             todo = missing
             try:
-                self._load_scripts()
+                for known in self._scripts.values():
+                    node.script_load(known.body)
             except redis_client.DOWN_ERRORS as exc:
-                for op in todo:
-                    op.error = redis_client.unavailable(type(exc).__name__)
+                _fail(todo, redis_client.unavailable(type(exc).__name__))
                 return
-        for op in todo:
-            op.error = ServerError("scripts could not be loaded", ErrorCode.INTERNAL)
+        _fail(todo, ServerError("scripts could not be loaded", ErrorCode.INTERNAL))
 
-    def _load_scripts(self) -> None:
-        for body in SCRIPTS.values():
-            self.client.script_load(body)  # on a cluster: on every primary
+    def _layout_changed(self, error: Exception) -> None:
+        """A cluster node failed or a slot moved: learn the cluster's layout again, at most once a second."""
+        client = self.redis.client
+        now = time.monotonic()
+        if isinstance(client, redis.cluster.RedisCluster) and now - self._layout_checked >= LAYOUT_REFRESH_S:
+            self._layout_checked = now
+            with contextlib.suppress(*redis_client.DOWN_ERRORS):
+                client.nodes_manager.initialize()
+            log.info("redis.cluster_layout_refreshed", extra={"fields": {"cause": type(error).__name__}})
 
     async def _run(self, name: str, code: str, *args: Any) -> Any:
         return await self.writer.call(_Script(name, session_keys(code), list(args)))
@@ -340,7 +389,7 @@ class RedisStore(SessionStore):
             # Its entry in the expiry index goes too (nothing of an ended
             # session stays); if Redis fails here, the sweeper drops it at the deadline.
             with contextlib.suppress(ServerError):
-                await redis_client.call(self.client.zrem, expiry_bucket(code), code)
+                await self.redis.call(lambda client: client.zrem(expiry_bucket(code), code))
         return bool(result == 1)
 
     @timed("disconnect")
@@ -376,7 +425,7 @@ class RedisStore(SessionStore):
     @timed("sweep")
     async def sweep(self, now: int) -> list[tuple[str, str]]:
         """Check the sessions whose indexed deadline passed; expire those really due."""
-        due = await redis_client.call(self._due_codes, now)
+        due = await self.redis.call(lambda client: _due_codes(client, now))
         results: dict[str, Any] = {}
 
         async def expire(code: str) -> None:
@@ -397,24 +446,24 @@ class RedisStore(SessionStore):
                 if result[0] == 1:
                     expired.append((code, result[1].decode()))
         if reschedule or finished:
-            await redis_client.call(self._update_index, reschedule, finished)
+            await self.redis.call(lambda client: _update_index(client, reschedule, finished))
         return expired
 
     async def shared_secret(self) -> bytes | None:
         """The instances' shared key, created by whichever instance asks first."""
         candidate = secrets.token_hex(32)
 
-        def run() -> bytes | None:
-            self.client.set(SHARED_SECRET_KEY, candidate, nx=True)
-            value = self.client.get(SHARED_SECRET_KEY)
+        def run(client: redis_client.Client) -> bytes | None:
+            client.set(SHARED_SECRET_KEY, candidate, nx=True)
+            value = client.get(SHARED_SECRET_KEY)
             return value.encode() if isinstance(value, str) else value
 
-        result: bytes | None = await redis_client.call(run)
+        result: bytes | None = await self.redis.call(run)
         return result
 
     @timed("check")
     async def check(self) -> None:
-        await redis_client.call(self.client.ping)
+        await self.redis.call(lambda client: client.ping())
         if not self.listener.listening:
             raise redis_client.unavailable("the pub/sub listener is reconnecting")
 
@@ -445,30 +494,35 @@ class RedisStore(SessionStore):
     # -- the expiry index --
 
     async def _index_for_expiry(self, code: str, due: int, ttl_at: int) -> None:
-        def run() -> None:
+        def run(client: redis_client.Client) -> None:
             bucket = expiry_bucket(code)
-            pipe = self.client.pipeline(transaction=False)
+            pipe = client.pipeline(transaction=False)
             pipe.zadd(bucket, {code: due})
             pipe.pexpireat(bucket, ttl_at + KEY_GRACE_MS, nx=True)
             pipe.pexpireat(bucket, ttl_at + KEY_GRACE_MS, gt=True)
             pipe.execute()
 
-        await redis_client.call(run)
-
-    def _due_codes(self, now: int) -> list[str]:
-        pipe = self.client.pipeline(transaction=False)
-        for n in range(EXPIRY_BUCKETS):
-            pipe.zrangebyscore(f"tandem:expiry:{{e{n}}}", "-inf", now, start=0, num=SWEEP_BATCH)
-        return [code.decode() for codes in pipe.execute() for code in codes]
-
-    def _update_index(self, reschedule: dict[str, dict[str, int]], finished: dict[str, list[str]]) -> None:
-        pipe = self.client.pipeline(transaction=False)
-        for bucket, scores in reschedule.items():
-            pipe.zadd(bucket, scores, xx=True)
-        for bucket, codes in finished.items():
-            pipe.zrem(bucket, *codes)
-        pipe.execute()
+        await self.redis.call(run)
 
 
-def _sha1(body: str) -> str:
-    return hashlib.sha1(body.encode()).hexdigest()
+def _due_codes(client: redis_client.Client, now: int) -> list[str]:
+    pipe = client.pipeline(transaction=False)
+    for n in range(EXPIRY_BUCKETS):
+        pipe.zrangebyscore(f"tandem:expiry:{{e{n}}}", "-inf", now, start=0, num=SWEEP_BATCH)
+    return [code.decode() for codes in pipe.execute() for code in codes]
+
+
+def _update_index(
+    client: redis_client.Client, reschedule: dict[str, dict[str, int]], finished: dict[str, list[str]]
+) -> None:
+    pipe = client.pipeline(transaction=False)
+    for bucket, scores in reschedule.items():
+        pipe.zadd(bucket, scores, xx=True)
+    for bucket, codes in finished.items():
+        pipe.zrem(bucket, *codes)
+    pipe.execute()
+
+
+def _fail(ops: list[Op], error: Exception) -> None:
+    for op in ops:
+        op.error = error

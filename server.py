@@ -331,6 +331,8 @@ async def open_store(config: Config, hub: Hub) -> AsyncIterator[SessionStore]:
             idle_ms=idle_ms,
             ttl_ms=ttl_ms,
             fail_closed=config.rate_limit_fail_closed,
+            ack_replicas=config.redis_ack_replicas,
+            ack_timeout=config.redis_ack_timeout,
         ) as store:
             yield store
     else:

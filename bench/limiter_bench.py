@@ -40,7 +40,7 @@ from redis.retry import Retry
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from limiter import MemoryLimiter, RedisLimiter, Rule, redis_key
-from redis_client import CONNECT_TIMEOUT_S, SOCKET_TIMEOUT_S
+from redis_client import CONNECT_TIMEOUT_S, SOCKET_TIMEOUT_S, Connector
 
 TIME_BUDGET_S = 25.0  # the whole run, Redis part and memory part
 MEMORY_DECISIONS = 200_000
@@ -112,7 +112,7 @@ async def run(url: str, checks: int) -> int:
         info: dict[str, Any] = client.info("server")
         print(f"redis {info['redis_version']} at {url}; {checks} checks of each kind per concurrency")
         print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} (others' work skews both sides)")
-        limiter = RedisLimiter(client)
+        limiter = RedisLimiter(Connector.of(client))
         baseline = TrivialCheck(client)
         budget = TIME_BUDGET_S / (len(CONCURRENCY) + 1)
         print(

@@ -34,6 +34,7 @@ from helpers import (
 from trio_websocket import ConnectionClosed, ConnectionRejected
 
 from limiter import MemoryLimiter, Pseudonyms, RedisLimiter, Rule, address_block
+from redis_client import Connector
 
 # Every limit on, at sizes a test can reach; each test turns off what it does not probe.
 LIMITS = {
@@ -288,7 +289,10 @@ async def test_refund_takes_back_one_hit_in_memory_and_in_redis() -> None:
     check_redis(SHARED_REDIS_URL)
     client = redis.Redis.from_url(SHARED_REDIS_URL, socket_timeout=2.0)
     now = itertools.count(1)
-    limiters: list[MemoryLimiter | RedisLimiter] = [MemoryLimiter(clock=lambda: float(next(now))), RedisLimiter(client)]
+    limiters: list[MemoryLimiter | RedisLimiter] = [
+        MemoryLimiter(clock=lambda: float(next(now))),
+        RedisLimiter(Connector.of(client)),
+    ]
     try:
         for limiter in limiters:
             first = await limiter.hit(rule, "k")

@@ -58,6 +58,7 @@ from redis_servers import RedisCluster3, RedisServer
 from trio_websocket import ConnectionRejected
 
 from limiter import Decision, LimitKey, MemoryLimiter, RedisLimiter, Rule, redis_key
+from redis_client import Connector
 
 BOTH = pytest.mark.parametrize("store", ["sqlite", "redis"])
 # Limiter keys: per rule and client (tandem:rl:{rule:key}) or per member, beside its session.
@@ -238,7 +239,7 @@ LUA_EPOCH_MS = 1_700_000_000_000  # now_ms is epoch ms, as Redis TIME gives it
 def test_table_lua(name: str, shared_redis: redis.Redis) -> None:
     limit, window, steps = CASES[name]
     rule = Rule(f"test-{name}-{uuid.uuid4().hex}", limit, window)  # a key of its own
-    limiter = RedisLimiter(shared_redis)
+    limiter = RedisLimiter(Connector.of(shared_redis))
     try:
         for n, step in enumerate(steps):
             decision = limiter._call(rule, "k", step.op, LUA_EPOCH_MS + round(step.at * 1000))
@@ -315,7 +316,7 @@ async def test_property_memory(case: tuple[int, int, list[int]]) -> None:
 def test_property_lua(shared_redis: redis.Redis, case: tuple[int, int, list[int]]) -> None:
     limit, window, times = case
     rule = Rule(f"test-prop-{uuid.uuid4().hex}", limit, float(window))  # a unit is 1 s, or 1000 ms
-    limiter = RedisLimiter(shared_redis)
+    limiter = RedisLimiter(Connector.of(shared_redis))
     admitted: list[int] = []
     try:
         for t in times:
@@ -387,7 +388,7 @@ def test_memory_limiter_forgets_least_recently_used_keys() -> None:
 
 async def test_redis_limiter_uses_redis_time_and_sets_a_ttl(shared_redis: redis.Redis) -> None:
     rule = Rule(f"test-live-{uuid.uuid4().hex}", 3, 1.0)
-    limiter = RedisLimiter(shared_redis)
+    limiter = RedisLimiter(Connector.of(shared_redis))
     try:
         for n in range(3):
             decision = await limiter.hit(rule, "k")
@@ -412,8 +413,8 @@ async def test_redis_limiter_falls_back_to_memory_and_logs_once_per_outage(
         server.url(), socket_timeout=1.0, socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 0)
     )
     try:
-        limiter = RedisLimiter(client)
-        closed = RedisLimiter(client, fail_closed=True)
+        limiter = RedisLimiter(Connector.of(client))
+        closed = RedisLimiter(Connector.of(client), fail_closed=True)
         rule = Rule("outage", 2, 30.0)
         assert (await limiter.hit(rule, "k")).allowed
         server.stop()
