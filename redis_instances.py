@@ -32,8 +32,8 @@ DEAD_AFTER_S = 6.0
 # most a year).
 MEMBERS_TTL_S = 400 * 86400
 
-# KEYS: the instances, this instance's members. ARGV: id, members TTL (s),
-# "1" for the first beat. Returns 1, or 0 when a later beat found the entry
+# KEYS: the instances (one key: on a cluster a script's keys share one slot).
+# ARGV: id, members TTL (s), "1" for the first beat. Returns 1, or 0 when a later beat found the entry
 # gone (this instance was reaped): it is put back.
 _HEARTBEAT = """
 local t = redis.call('TIME')
@@ -46,7 +46,6 @@ else
   if kept == 0 then redis.call('ZADD', KEYS[1], now, ARGV[1]) end
 end
 redis.call('EXPIRE', KEYS[1], ARGV[2])  -- no key without a TTL
-redis.call('EXPIRE', KEYS[2], ARGV[2])
 return kept
 """
 
@@ -125,8 +124,9 @@ class Instances:
 
     async def _beat(self) -> None:
         first = "1" if self._beats == 0 else "0"
-        keys, args = [INSTANCES_KEY, members_key(self.id)], [self.id, int(MEMBERS_TTL_S), first]
+        keys, args = [INSTANCES_KEY], [self.id, int(MEMBERS_TTL_S), first]
         kept = await self.redis.call(lambda client: self._heartbeat(client, keys, args))
+        await self.redis.call(lambda client: client.expire(members_key(self.id), int(MEMBERS_TTL_S)))
         self._beats += 1
         if self._stale:
             stale, self._stale = list(self._stale), set()
