@@ -95,7 +95,7 @@ CHECKPOINT_EVERY = 40
 # Faults during which the store does not answer (some of it, on a cluster), and how
 # long after one a connection that closes may still not be marked offline (redis-py
 # finds a pooled connection to the old Redis dead only when it uses it).
-STORE_OUTAGES = ("redis-kill9", "failover", "seed-down")
+STORE_OUTAGES = ("redis-kill9", "redis-pause", "failover", "seed-down")
 OUTAGE_AFTERMATH = 5.0  # steps between quiet checkpoints, where the driver waits for presence to converge
 # The expiry fault on Redis: a session's hard deadline moves to ARGV[1] (ms), if the session exists.
 MOVE_DEADLINE = """
@@ -114,7 +114,9 @@ DEFAULT_SESSIONS = 4
 DEFAULT_FAULT_RATE = 0.06
 OP_WEIGHTS = {"send": 36, "resend": 12, "resume": 12, "drop": 10, "join": 10, "create": 6, "leave": 3}
 SQLITE_FAULTS = {"kill9": 4, "drain": 3, "pause": 4, "expire": 2}
-REDIS_FAULTS = {"kill9": 3, "drain": 2, "pause": 3, "redis-kill9": 3, "pubsub-kill": 3, "expire": 2}
+# "redis-pause" stops Redis (SIGSTOP) past the client's socket timeout: a request
+# answered `unavailable` may still run when it continues.
+REDIS_FAULTS = {"kill9": 3, "drain": 2, "pause": 3, "redis-kill9": 3, "redis-pause": 2, "pubsub-kill": 3, "expire": 2}
 # On a Redis Cluster: "failover" kills a master with SIGKILL, "seed-down" the node
 # named first in REDIS_URL, then restarts a Tandem instance while it is down.
 CLUSTER_FAULTS = {"kill9": 2, "drain": 2, "pause": 2, "failover": 4, "seed-down": 2, "pubsub-kill": 2, "expire": 2}
@@ -232,6 +234,7 @@ def _fault(rng: random.Random, plan: Plan) -> Fault:
     table = FAULTS[plan.store]
     kind = rng.choices(list(table), weights=list(table.values()))[0]
     duration = {"pause": rng.uniform(0.1, 1.5), "kill9": rng.uniform(0.0, 0.3), "redis-kill9": rng.uniform(0.0, 1.0)}
+    duration["redis-pause"] = rng.uniform(2.2, 4.0)
     instance, delay = rng.randrange(plan.instances), round(rng.uniform(0.0, 0.1), 3)
     return Fault(kind, instance, delay, round(duration.get(kind, 0), 3), rng.randrange(max(plan.sessions, 3)))
 
@@ -961,6 +964,10 @@ class Engine:
                 await self.drop_one(fault.target)  # a client goes away while Redis is down
                 await trio.sleep(fault.duration)
                 await self.redis.start()
+            case "redis-pause" if self.redis is not None:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self.redis.pause, fault.duration)
+                    nursery.start_soon(self.drop_one, fault.target)
             case "pubsub-kill" if self.redis is not None:
                 self.stats["pub/sub connections cut"] += await self.redis.cut_pubsub()
             case "pubsub-kill" if self.cluster is not None:
@@ -1242,14 +1249,18 @@ class Engine:
         if session is not None and session.expiring and code in ("not_found", "not_in_session"):
             self.stats[f"{pending.kind} refused: its session expired"] += 1
             return
+        # The member moved to another connection; or, on Redis after an outage, its
+        # instance may have been declared dead (its heartbeat aged while Redis stalled).
         stale = link.superseded or (member is not None and self.current.get(member) is not link)
-        if pending.kind in ("send", "leave") and code in ("not_found", "not_in_session") and stale:
+        evicted = self.plan.redis and self.in_outage()
+        if pending.kind in ("send", "leave") and code in ("not_found", "not_in_session") and (stale or evicted):
             if member is not None and self.current.get(member) is link and link.refused_at is None:
-                # Only a resume answered `unavailable` may have moved it: the server
-                # must now close this connection, as after a takeover.
-                self.stats["send refused after a resume answered unavailable"] += 1
+                # No takeover is known to have succeeded (a resume answered `unavailable`
+                # may have run; an eviction): the server must now close this connection,
+                # as after a takeover (1000) or an eviction (1012).
+                self.stats["refused on a connection still believed to hold its member"] += 1
                 link.refused_at = trio.current_time()
-            return  # another connection took the member over
+            return
         if pending.kind == "resume" and code == "not_found" and member is not None and member.state == "uncertain":
             member.state = "left"  # its leave had happened
             self.forget(member)
@@ -1357,7 +1368,8 @@ class Engine:
             for _, member in slot.members():
                 if member.state == "member":
                     self.problems("lost", member_problems(member))
-        excused = sum(e.why.startswith("left history while") for v in self.views for e in v.member.excuses)
+        members = {id(v.member): v.member for v in self.views}.values()  # each member once, not once per view
+        excused = sum(e.why.startswith("left history while") for m in members for e in m.excuses)
         self.stats["live gaps excused (left history while a listener reconnected)"] = excused
         self.stats["members online for a peer after a close in a store outage (excused)"] = len(self.stale_excused)
 

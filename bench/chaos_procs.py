@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -120,6 +121,17 @@ class RedisProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+    async def pause(self, seconds: float) -> None:
+        """SIGSTOP for `seconds`, then SIGCONT: commands sent meanwhile run late, after their
+        callers may have given up on them."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGSTOP)
+        try:
+            await trio.sleep(seconds)
+        finally:
+            self.proc.send_signal(signal.SIGCONT)
 
     def cut_pubsub_now(self) -> int:
         """CLIENT KILL TYPE pubsub (blocking): every listener connected here loses its connection."""
