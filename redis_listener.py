@@ -231,8 +231,8 @@ class Listener:
             code = _code_of(name)
             try:
                 replay = await self._replay(code)
-            except ServerError:
-                continue
+            except ServerError:  # skipped, its members here would miss what was sent meanwhile: resync again
+                raise redis.ConnectionError("the resync of a session failed") from None
             if replay is None:
                 # The session ended while this listener was away (its end was
                 # published to nobody here): end it for the members here. The
