@@ -172,10 +172,10 @@ class Op:
 @dataclass(frozen=True)
 class Fault:
     """A fault `delay` s into its step: kill9 (of Tandem `instance`), drain, pause
-    (for `duration` s), redis-kill9 (down for `duration` s), pubsub-kill, expire
-    (the session of slot `target` reaches its deadline), failover (master
-    `target` of a cluster), seed-down (the first node of REDIS_URL, while
-    `instance` restarts)."""
+    (for `duration` s), redis-kill9 (down for `duration` s), redis-pause (SIGSTOP
+    for `duration` s), pubsub-kill, expire (the session of slot `target` reaches
+    its deadline), failover (master `target` of a cluster), seed-down (the first
+    node of REDIS_URL, while `instance` restarts)."""
 
     kind: str
     instance: int
@@ -474,8 +474,9 @@ class Link:
     close_code: int | None = None
     superseded: bool = False  # its member resumed on another connection (a takeover), or may have
     # When a send of this connection got `not_found` though no takeover is known
-    # to have succeeded (a resume answered `unavailable` may have run): the
-    # server must close it (1000) within the presence bound.
+    # to have succeeded (a resume answered `unavailable` may have run; on Redis
+    # its instance may have been declared dead): the server must close it (1000
+    # after a takeover, 1012 after an eviction) within the presence bound.
     refused_at: float | None = None
 
     @property
