@@ -50,6 +50,7 @@ from bench.chaos_model import (
     Sent,
     SessionModel,
     View,
+    excuse_problems,
     member_problems,
     presence_problems,
     reply_problems,
@@ -858,6 +859,7 @@ class Engine:
         pendings = []
         for sent in messages:
             member.session.issued += 1
+            sent.first_issue = sent.first_issue or member.session.issued
             sent.frames += 1
             self.stats["sends"] += 1
             frame = {"type": "message:send", "data": orjson.Fragment(sent.raw), "mid": sent.mid}
@@ -1370,6 +1372,8 @@ class Engine:
                 if member.state == "member":
                     self.problems("lost", member_problems(member))
         members = {id(v.member): v.member for v in self.views}.values()  # each member once, not once per view
+        for member in members:
+            self.problems("gap", excuse_problems(member))
         excused = sum(e.why.startswith("left history while") for m in members for e in m.excuses)
         self.stats["live gaps excused (left history while a listener reconnected)"] = excused
         self.stats["members online for a peer after a close in a store outage (excused)"] = len(self.stale_excused)

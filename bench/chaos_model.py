@@ -22,6 +22,7 @@ class Sent:
     seqs: list[int] = field(default_factory=list)  # where it is known stored, ascending
     acks: list[int] = field(default_factory=list)  # the seq of each ack it got
     frames: int = 0  # `message:send` frames that carried it
+    first_issue: int = 0  # the session's `issued` count with its first frame (0: not known)
 
     @property
     def acked(self) -> bool:
@@ -30,11 +31,17 @@ class Sent:
 
 @dataclass(frozen=True)
 class Excuse:
-    """Seqs in (low, high] a member may never receive, and why (history trimmed)."""
+    """Seqs in (low, high] a member may never receive, and why (history trimmed).
+
+    `issued`: for a live gap excused as "left history while a listener
+    reconnected", the session's `issued` count when the next message arrived;
+    checked again after the run (`excuse_problems`), when every stored seq is known.
+    """
 
     low: int
     high: int
     why: str
+    issued: int = 0
 
     def covers(self, seq: int) -> bool:
         return self.low < seq <= self.high
@@ -58,6 +65,13 @@ class SessionModel:
         # `session:expired`.
         self.expiring = False
         self.left: set[str] = set()  # members known to have left for good
+
+    def newest_possible(self, issued: int) -> int:
+        """The newest seq the session can have held once `issued` frames went out: a
+        message is stored after its first frame, so no later than the newest known
+        seq whose message had been sent by then (and never above `issued`)."""
+        sent_by_then = (seq for seq, sent in self.by_seq.items() if sent.first_issue <= issued)
+        return min(issued, max(sent_by_then, default=0))
 
     def new_send(self, sender: str, mid: str, raw: bytes) -> Sent:
         sent = Sent(sender, mid, raw)
@@ -261,7 +275,8 @@ def view_problems(view: View, redis: bool) -> list[str]:
         if sent is None or sent.sender == me or seq in got or member.excused(seq) is not None:
             continue
         if redis and seq <= following[1] - session.history:
-            member.excuses.append(Excuse(seq - 1, seq, "left history while an instance's listener reconnected"))
+            why = "left history while an instance's listener reconnected"
+            member.excuses.append(Excuse(seq - 1, seq, why, following[1]))
             continue
         gaps.append(seq)
     if gaps:
@@ -270,6 +285,18 @@ def view_problems(view: View, redis: bool) -> list[str]:
             f" {view.last_seq}): seqs {seq_list(gaps)} missing, seqs up to {live[-1][0]} arrived"
         )
     return problems
+
+
+def excuse_problems(member: MemberModel) -> list[str]:
+    """After the run, when every stored seq is known: a live gap excused as "left
+    history" must really have been able to leave it before the next message arrived."""
+    session = member.session
+    return [
+        f"{member.client_id} in {session.code} missed seq {e.high} on a live connection, excused as gone"
+        f" from history, yet the session held at most seq {session.newest_possible(e.issued)} by then"
+        for e in member.excuses
+        if e.issued and e.high > session.newest_possible(e.issued) - session.history
+    ]
 
 
 def member_problems(member: MemberModel) -> list[str]:

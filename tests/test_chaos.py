@@ -20,6 +20,7 @@ from bench.chaos_model import (
     MemberModel,
     SessionModel,
     View,
+    excuse_problems,
     member_problems,
     presence_problems,
     reply_problems,
@@ -122,6 +123,10 @@ def test_a_live_gap_is_excused_on_redis_only_when_the_message_may_have_left_hist
     view = View(member, "create", 0, 0, received=[(1, 5), (3, 2 + H)])  # 2 + H sends issued when 3 arrived
     assert view_problems(view, redis=False) != []
     assert view_problems(view, redis=True) == [] and member.excused(2) is not None
+    assert excuse_problems(member) == []  # seqs 1 to 30 were all sent before (first_issue 0)
+    for seq in range(1, 31):
+        session.sends[("a", f"m{seq}")].first_issue = seq + 10  # then: each sent later, 10 sends failed
+    assert "held at most seq 12" in excuse_problems(member)[0]
 
 
 def test_a_member_must_end_with_every_peer_message_but_those_reported_lost() -> None:
