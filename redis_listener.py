@@ -250,6 +250,8 @@ class Listener:
             kind = _kind(message)
             if kind == "ssubscribe":
                 name = message["channel"].decode()
+                if name in self._confirmed and self.healthy and not self._unconfirmed.get(name):
+                    raise redis.ConnectionError("redis-py moved a shard subscription (a failover): resync")
                 if name in self._confirmed or self._count_confirmation(message):
                     with self._lock:
                         waiters = self._waiters.pop(name, [])
