@@ -303,7 +303,7 @@ class Config:
         '(README "What an ack promises")',
     )
     redis_ack_timeout: float = setting(
-        0.5,
+        1.0,
         seconds(0.01, 1.5),
         "how long a write waits for `REDIS_ACK_REPLICAS`; past it the client gets `unavailable` and resends",
     )

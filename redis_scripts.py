@@ -136,7 +136,13 @@ local v = redis.call('HMGET', KEYS[1], 'idle_at', 'ttl_at', 'o:' .. cid)
 if not v[1] or tonumber(v[1]) <= now or tonumber(v[2]) <= now or v[3] ~= ARGV[2] then return {-1} end
 if mid ~= '' then
   local stored = redis.call('HGET', KEYS[4], cid .. '|' .. mid)
-  if stored then return {tonumber(stored), 1} end
+  if stored then
+    -- A resend is activity; its write also makes a WAIT after it cover the original's.
+    local idle_at = now + tonumber(ARGV[4])
+    redis.call('HSET', KEYS[1], 'idle_at', int(idle_at))
+    refresh(KEYS[1], KEYS[2], idle_at, tonumber(v[2]), tonumber(ARGV[5]))
+    return {tonumber(stored), 1}
+  end
 end
 for i = 5, #KEYS do
   local limit, window = tonumber(ARGV[2 * i - 2]), tonumber(ARGV[2 * i - 1])

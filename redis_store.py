@@ -95,7 +95,7 @@ class RedisStore(SessionStore):
         ttl_ms: int,
         fail_closed: bool = False,
         ack_replicas: int = 0,
-        ack_timeout: float = 0.5,
+        ack_timeout: float = 1.0,
     ) -> None:
         self.redis = connector
         self.cluster = connector.cluster
@@ -127,7 +127,7 @@ class RedisStore(SessionStore):
         ttl_ms: int,
         fail_closed: bool = False,
         ack_replicas: int = 0,
-        ack_timeout: float = 0.5,
+        ack_timeout: float = 1.0,
     ) -> AsyncIterator[RedisStore]:
         """Connect (lazily: Redis may be down at start-up) and run the writer and listener."""
         connector = redis_client.Connector(url, cluster=cluster)
