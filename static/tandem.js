@@ -559,8 +559,9 @@ export class Tandem {
     if (this.#state === "open") {
       await this.#request({ type: "session:leave" }).catch(() => {});
     }
-    this.#endSession(new TandemError("left", "left the session"));
-    this.#stop("left");
+    const left = new TandemError("left", "left the session");
+    this.#endSession(left);
+    this.#stop("left", left);
   }
 
   /**
@@ -745,9 +746,10 @@ export class Tandem {
     if (error.code === "not_found") {
       // Resume answers not_found for a session that ended and for credentials it no longer knows.
       const code = this.#session?.code;
+      const gone = new TandemError("session_gone", "the session is gone (it ended or expired)");
       this.#emit("expired", { code, reason: "gone" });
-      this.#endSession(new TandemError("session_gone", "the session is gone"));
-      this.#stop("expired");
+      this.#endSession(gone);
+      this.#stop("expired", gone);
       return;
     }
     if (error.code === "unauthorized" || error.code === "bad_request" || error.code === "protocol_error") {
@@ -987,8 +989,9 @@ export class Tandem {
         return;
       case "session:expired":
         this.#emit("expired", { code: frame.code, reason: frame.reason });
-        this.#endSession(new TandemError("session_gone", `the session expired (${frame.reason})`));
-        this.#stop("expired");
+        const gone = new TandemError("session_gone", `the session expired (${frame.reason})`);
+        this.#endSession(gone);
+        this.#stop("expired", gone);
         return;
       case "error":
         this.#emit("error", {
