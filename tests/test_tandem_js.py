@@ -60,8 +60,9 @@ def run_node(test_file: Path, env: dict[str, str] | None = None) -> None:
         pytest.fail(f"{' '.join(command)} still ran after {NODE_TIMEOUT} s:\n{partial}")
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"{' '.join(command)} exited with {result.returncode}:\n{output}"
-    assert re.search(r"^ℹ pass [1-9]", output, re.MULTILINE), f"no test passed:\n{output}"
-    assert re.search(r"^ℹ fail 0$", output, re.MULTILINE), output
+    # The spec reporter's summary lines start with U+2139 (information source).
+    assert re.search("^\u2139 pass [1-9]", output, re.MULTILINE), f"no test passed:\n{output}"
+    assert re.search("^\u2139 fail 0$", output, re.MULTILINE), output
 
 
 @contextmanager
