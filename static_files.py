@@ -6,13 +6,15 @@ time whether it is still current, so a new release reaches every page at
 once (the URLs carry no version) and an unchanged file costs a 304. A file
 is read again when its size or modification time changes, so a developer's
 edit shows on the next reload. The page gets a Content-Security-Policy that
-allows nothing from another host.
+allows nothing from another host; the client (`tandem.js`, `tandem.d.ts`) may
+be imported by an app on any origin (CORS).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,12 +30,15 @@ FILES: dict[str, tuple[str, str]] = {
     "/tandem.js": ("tandem.js", "text/javascript; charset=utf-8"),
     "/tandem.d.ts": ("tandem.d.ts", "text/plain; charset=utf-8"),
 }
-# The page loads its script, style and WebSocket from its own origin only
-# ('self' covers ws: and wss: to the same host), and may not be framed.
+# The page loads its script, style and WebSocket from its own origin only, and
+# may not be framed. CSP level 3 lets 'self' cover ws: and wss: to the same
+# host; older browsers (Safari before 15.4) need the WebSocket origin spelled
+# out, so the request's own host is added (when it is a plain host[:port]).
 PAGE_CSP = (
-    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'{sockets}; img-src 'self' data:; "
     "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 )
+_HOST = re.compile(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,10 @@ class StaticFiles:
             "X-Content-Type-Options": "nosniff",
         }
         if name.endswith(".html"):
-            headers["Content-Security-Policy"] = PAGE_CSP
+            headers["Content-Security-Policy"] = page_csp(request.headers.get("host"))
+        elif name.startswith("tandem."):
+            # An app on another origin imports the client as a module: a CORS fetch.
+            headers["Access-Control-Allow-Origin"] = "*"
         if etag_matches(request.headers.get("if-none-match"), loaded.etag):
             return Response(status_code=304, headers=headers)
         body = b"" if request.method == "HEAD" else loaded.body
@@ -91,3 +99,9 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
         if tag == "*" or tag.removeprefix("W/") == etag:
             return True
     return False
+
+
+def page_csp(host: str | None) -> str:
+    """The page's Content-Security-Policy, for a request that named `host`."""
+    sockets = f" ws://{host} wss://{host}" if host and _HOST.fullmatch(host) else ""
+    return PAGE_CSP.format(sockets=sockets)

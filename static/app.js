@@ -13,7 +13,7 @@
  * Elements carry `data-testid` attributes that browser tests rely on.
  */
 
-import { Tandem, newMid, normaliseCode } from "/tandem.js";
+import { Tandem, newMid, normaliseCode } from "./tandem.js";
 
 const STORE_KEY = "tandem.page.v1";
 const MAX_KEPT = 1000; // messages kept on the page and in sessionStorage; older ones are dropped
@@ -229,10 +229,11 @@ function restore(saved) {
   conversation = saved.messages.filter((entry) => entry && typeof entry.text === "string").slice(-MAX_KEPT);
   nextOrder = 0;
   for (const entry of conversation) entry.order = nextOrder++;
-  client = makeClient();
+  const restored = makeClient();
+  client = restored;
   renderMessages();
   render();
-  client.resume(saved.session).catch(() => render());
+  restored.resume(saved.session).catch(() => render());
 }
 
 async function leave() {
@@ -466,6 +467,19 @@ ui.leave.addEventListener("click", () => leave());
 ui.copyCode.addEventListener("click", () => copy(client?.code ?? ""));
 ui.copyLink.addEventListener("click", () => copy(ui.link.href));
 ui.log.addEventListener("toggle", () => ui.log.open && renderLog());
+// A page the browser keeps in its back-forward cache would keep its socket open
+// and its member "online" while nobody looks: go offline when hidden that way,
+// and resume when shown again. (A real unload closes the socket anyway.)
+window.addEventListener("pagehide", () => {
+  if (client?.code) client.close();
+});
+window.addEventListener("pageshow", (event) => {
+  if (event.persisted && client?.code && client.state === "closed") {
+    ended = "";
+    client.resume().catch(() => render());
+    render();
+  }
+});
 window.addEventListener("hashchange", () => {
   const code = codeFromLink();
   if (code && !client?.code) join(code); // a link opened in this tab while in no session

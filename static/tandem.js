@@ -709,7 +709,8 @@ export class Tandem {
     } catch (error) {
       this.#establishing = false;
       const failure = asTandemError(error);
-      if (this.#state === "connecting") this.#stop(failure.code);
+      // (read through a cast: the type checker would keep the "closed" it saw above)
+      if (/** @type {TandemState} */ (this.#state) === "connecting") this.#stop(failure.code);
       throw failure;
     }
   }

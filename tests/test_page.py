@@ -328,9 +328,35 @@ def test_join_by_typed_code_keyboard_labels_phone_width(
         b.driver.switch_to.active_element.send_keys("typed on a phone", Keys.ENTER)
         assert_conversation(a, [("peer", "typed on a phone")])
 
+    with step("peer offline and back", shots, a, b):
+        b.driver.get("about:blank")  # B's tab leaves the page without leaving the session
+        a.wait_state("peer-offline")
+        assert a.text("peer") == "Peer: offline"
+        a.type_message("while B is away")
+        b.open(server.http + "/")  # the same tab: its sessionStorage still holds the session
+        b.wait_state("paired")
+        a.wait_state("paired")
+        assert_conversation(b, [("me", "typed on a phone"), ("peer", "while B is away")])
+
     with step("frame log", shots, a):
         assert not a.element("frame-log-lines").is_displayed()
         a.driver.find_element(By.CSS_SELECTOR, '[data-testid="frame-log"] summary').click()
         log = a.wait(lambda: a.text("frame-log-lines"), "frames in the log")
         assert "session:created" in log and '"token":"…"' in log
         assert '"type":"message"' in log
+
+
+def test_expiry_is_shown_and_forgotten(
+    tandem_factory: ServerFactory, pages: Callable[[str, tuple[int, int]], Page], tmp_path: Path
+) -> None:
+    server = tandem_factory(SESSION_IDLE_TIMEOUT="2", SWEEP_INTERVAL="0.2")
+    a = pages("A", PHONE)
+    with step("expire", tmp_path / "screenshots", a):
+        a.open(server.http + "/")
+        a.click("create")
+        a.wait_state("waiting")
+        a.wait_state("expired", within=10)
+        assert "expired" in a.text("status")
+        assert a.visible("create") and a.visible("join-code"), "a new session can start at once"
+        a.driver.refresh()
+        a.wait_state("idle")

@@ -141,6 +141,7 @@ def test_served_with_type_and_validators(tandem: Server) -> None:
     assert headers["content-type"] == "text/javascript; charset=utf-8"
     assert headers["cache-control"] == "no-cache"
     assert headers["x-content-type-options"] == "nosniff"
+    assert headers["access-control-allow-origin"] == "*"  # an app on another origin imports it as a module
     assert body == (ROOT / "static" / "tandem.js").read_bytes()
     etag = headers["etag"]
     assert re.fullmatch(r'"[0-9a-f]{32}"', etag), etag
