@@ -33,7 +33,7 @@ from selenium.webdriver.common.keys import Keys
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
-WAIT = 15.0  # seconds a page may take to reach a state (reconnects back off up to 10 s)
+WAIT = 30.0  # seconds a page may take to reach a state (reconnects back off up to 10 s; a busy machine)
 PHONE = (390, 844)
 DESKTOP = (1024, 800)
 T = TypeVar("T")

@@ -135,7 +135,7 @@ def test_against_a_real_server(tandem_factory: ServerFactory, script: str, setti
 
 
 def test_served_with_type_and_validators(tandem: Server) -> None:
-    """/tandem.js: JavaScript, an ETag, revalidated each time (no-cache), 304 when unchanged."""
+    """/tandem.js and the page: their type, an ETag, revalidated each time (no-cache), 304 when unchanged."""
     status, headers, body = http_get(f"{tandem.http}/tandem.js")
     assert status == 200
     assert headers["content-type"] == "text/javascript; charset=utf-8"
@@ -149,6 +149,11 @@ def test_served_with_type_and_validators(tandem: Server) -> None:
         status, again, body = http_get(f"{tandem.http}/tandem.js", {"If-None-Match": condition})
         assert (status, body, again["etag"]) == (304, b"", etag), condition
     assert http_get(f"{tandem.http}/tandem.js", {"If-None-Match": '"other"'})[0] == 200
+    for path, kind in (("/", "text/html"), ("/app.js", "text/javascript"), ("/app.css", "text/css")):
+        status, headers, _ = http_get(tandem.http + path)
+        assert (status, headers["content-type"]) == (200, f"{kind}; charset=utf-8"), path
+        assert headers["cache-control"] == "no-cache", path
+        assert http_get(tandem.http + path, {"If-None-Match": headers["etag"]})[0] == 304, path
     status, headers, body = http_get(f"{tandem.http}/tandem.d.ts")
     assert status == 200 and b"export declare class Tandem" in body
     assert http_get(f"{tandem.http}/static_files.py")[0] == 404  # only the listed files are served
