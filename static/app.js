@@ -392,7 +392,8 @@ function render() {
   const peer = client?.peers[0];
   ui.peer.hidden = !inSession;
   ui.peer.dataset.online = String(Boolean(peer?.online));
-  ui.peer.textContent = !peer ? "Peer: not joined yet" : peer.online ? "Peer: online" : "Peer: offline";
+  if (client && client.state !== "open") ui.peer.textContent = "Peer: not known until the connection is back";
+  else ui.peer.textContent = !peer ? "Peer: not joined yet" : peer.online ? "Peer: online" : "Peer: offline";
 }
 
 /** @param {string} text */
