@@ -39,7 +39,7 @@ import trio
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
@@ -50,6 +50,7 @@ import lifecycle
 import logging_setup
 import metrics
 import protocol
+import static_files
 from archive import Recorder, open_archive
 from config import Config
 from limiter import IPV6_SITE, Decision, Limiter, Limits, Pseudonyms, Rule, SocketCount, client_ip
@@ -222,13 +223,10 @@ def create_app(tandem: Tandem) -> Starlette:
         finally:
             tandem.sockets.close(ipk)
 
-    async def index(request: Request) -> Response:
-        return FileResponse(STATIC_DIR / "index.html")
-
     return Starlette(
         routes=[
             WebSocketRoute("/ws", websocket_endpoint),
-            Route("/", index),
+            *static_files.StaticFiles(STATIC_DIR).routes(),  # /, /tandem.js and the page's files
             Route("/api/info", api_info),
             *tandem.health.routes(),  # /health/live, /health/ready, /metrics
         ],

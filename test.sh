@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything the tests need, then run them all (README, .ci/run).
-# Needs redis-server and PostgreSQL on the machine (see README); installs
-# Debian's docker-compose (compose-file validation) when missing and root.
+# Needs redis-server, PostgreSQL and Node.js 20.10+ on the machine (see README);
+# installs Debian's docker-compose (compose-file validation) and chromium and
+# chromium-driver (the page's browser tests) when missing and root.
 set -euo pipefail
 cd "$(dirname "$0")"
 if ! command -v docker-compose >/dev/null && ! docker compose version >/dev/null 2>&1; then
@@ -9,6 +10,13 @@ if ! command -v docker-compose >/dev/null && ! docker compose version >/dev/null
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null
     else
         echo "test.sh: docker-compose is missing; install it (Debian: apt-get install docker-compose)" >&2
+    fi
+fi
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+    else
+        echo "test.sh: chromium is missing; install it (Debian: apt-get install chromium chromium-driver)" >&2
     fi
 fi
 python3 -m venv .venv
