@@ -6,6 +6,7 @@ the environment and `.env` with them, and README's table and .env.example are pr
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
@@ -491,6 +492,24 @@ def read_dotenv(path: Path) -> dict[str, str]:
             value = value[1:-1]
         values[key.strip()] = value
     return values
+
+
+def dotenv_warnings(path: Path) -> list[tuple[int, str, str]]:
+    """(line, key, closest setting) for each key of a .env file that looks meant
+    for Tandem but is not a setting: a misspelt name (`PROT`) or `TANDEM_…`.
+    Other keys (a .env shared with other tools) are left alone."""
+    if not path.is_file():
+        return []
+    names = [s.name for s in SETTINGS]
+    found = []
+    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        key = raw.strip().removeprefix("export ").partition("=")[0].strip()
+        if not key or key.startswith("#") or key in names:
+            continue
+        close = difflib.get_close_matches(key.upper().removeprefix("TANDEM_"), names, n=1, cutoff=0.75)
+        if close or key.upper().startswith("TANDEM"):
+            found.append((number, key, close[0] if close else ""))
+    return found
 
 
 def load(env: Mapping[str, str] | None = None, dotenv: Path | None = Path(".env")) -> Config:

@@ -407,7 +407,7 @@ class RedisLimiter:
             decision = await redis_client.call(self._call, rule, key, mode, stamp_ms)
         except ServerError as exc:  # an outage (redis_client.DOWN_ERRORS), mapped in one place
             self.fallbacks += 1
-            self.outage.failed(exc.message, fail_closed=self._fail_closed)
+            self.outage.failed(exc.message, fail_closed=self._fail_closed, redis=self._redis.display)
             if self._fail_closed:
                 return Decision(False, 0, 1.0, 1.0)
             match mode:

@@ -36,8 +36,9 @@ IP_KEYS = frozenset({"ip", "client_ip", "remote_addr", "peer_ip"})
 # and error codes (`not_found`): those are kept.
 CODE_KEYS = frozenset({"session", "code", "session_code"})
 ERROR_CODES = frozenset(str(code) for code in ErrorCode)
-# The server's own listening addresses: configuration, not client addresses.
-VERBATIM_KEYS = frozenset({"addresses", "metrics_address"})
+# The server's own addresses (where it listens, its page's URL, its store):
+# configuration, not client addresses. Passwords in them are masked before logging.
+VERBATIM_KEYS = frozenset({"addresses", "metrics_address", "url", "store", "redis"})
 REDACTED = "[redacted]"
 
 _URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)([^\s/@:]*):([^\s/@]*)@")
@@ -169,8 +170,8 @@ class Redactor:
         if isinstance(fields, Mapping):
             for raw_key, value in fields.items():
                 key = str(raw_key)
-                if key in VERBATIM_KEYS:
-                    line[key] = value
+                if key in VERBATIM_KEYS:  # addresses kept; a password in a URL never
+                    line[key] = _URL_USERINFO.sub(r"\1\2:***@", value) if isinstance(value, str) else value
                 else:
                     line[f"{key}_" if key in LINE_KEYS else key] = self.field(key, value)
         if record.exc_info and record.exc_info[1] is not None:

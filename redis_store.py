@@ -98,6 +98,7 @@ class RedisStore(SessionStore):
         ack_timeout: float = 1.0,
     ) -> None:
         self.redis = connector
+        self.location = connector.display
         self.cluster = connector.cluster
         self._dispatch = dispatch
         self._history = history_size

@@ -221,6 +221,7 @@ class SessionStore(ABC):
     """
 
     backend: str  # "sqlite" or "redis": a metrics label
+    location: str = ""  # where the sessions are, as a log may show it (no password)
     limiter: Limiter  # rate limits kept where the sessions are
     observer: StoreObserver = _Unobserved()
 

@@ -101,6 +101,7 @@ class SqliteStore(SessionStore):
         ttl_ms: int,
     ) -> None:
         self._db = db
+        self.location = next((path for _, name, path in db.execute("PRAGMA database_list") if name == "main"), "")
         self._history = history_size
         self._idle_ms = idle_ms
         self._ttl_ms = ttl_ms
