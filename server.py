@@ -511,7 +511,15 @@ in .env.example; `python config.py --markdown` prints the table.
 """
 
 
+# The Python versions Tandem runs on (pyproject.toml's requires-python says the same).
+SUPPORTED_PYTHON = ((3, 11), (3, 13))
+
+
 def main() -> int:
+    if not SUPPORTED_PYTHON[0] <= sys.version_info[:2] <= SUPPORTED_PYTHON[1]:
+        (low, high), running = SUPPORTED_PYTHON, ".".join(map(str, sys.version_info[:2]))
+        print(f"tandem: Python {running} is not supported: use Python {low[0]}.{low[1]} to {high[0]}.{high[1]}")
+        return 2
     if sys.argv[1:] in (["--help"], ["-h"], ["help"]):
         print(USAGE, end="")
         return 0
