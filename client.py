@@ -521,7 +521,7 @@ async def websocket_connector(url: str, connect_timeout: float) -> AsyncIterator
         # Our closing handshake timed out after the connection was done with: nothing is lost.
         if not opened:
             raise ConnectionLost("connection timed out") from None
-    except (HandshakeError, OSError) as exc:
+    except (HandshakeError, ConnectionClosed, OSError) as exc:
         if opened:
             raise
         raise ConnectionLost(repr(exc.__cause__ or exc)) from exc
@@ -614,10 +614,11 @@ class _Waiter:
 class _Link:
     """One connection of a session: its transport, open requests and send window; `end` records why it ended."""
 
-    def __init__(self, transport: Transport, scope: trio.CancelScope, has_token: bool) -> None:
+    def __init__(self, transport: Transport, scope: trio.CancelScope, has_token: bool, patience: float) -> None:
         self.transport = transport
         self.scope = scope  # cancels every task of this connection
         self.has_token = has_token
+        self.patience = patience  # seconds one write may take before the connection counts as dead
         self.replies: dict[int, _Reply] = {}
         self.ids = itertools.count(1)
         self.ended: Disconnect | None = None
@@ -645,11 +646,16 @@ class _Link:
         raise AssertionError("a connection task ran outside its connection's scope")
 
     async def send(self, frame: Mapping[str, Any] | str) -> None:
-        """Write a frame; a closed transport ends the connection (and the calling task, through `fail`)."""
-        try:
-            await self.transport.send(frame if isinstance(frame, str) else encode(frame))
-        except TransportClosed as exc:
-            await self.fail(exc.code)
+        """Write a frame; a closed or stuck transport ends the connection (and the calling task, through `fail`)."""
+        written = False
+        with trio.move_on_after(self.patience):
+            try:
+                await self.transport.send(frame if isinstance(frame, str) else encode(frame))
+            except TransportClosed as exc:
+                await self.fail(exc.code)
+            written = True
+        if not written:  # the server stopped reading: TCP's window is full
+            await self.fail(message=f"a write took over {self.patience} s")
 
     async def request(self, frame: Mapping[str, Any], patience: float) -> Frame:
         """Send a request with a fresh id and return its reply; no reply within `patience` s ends the connection."""
@@ -816,11 +822,10 @@ class Session:
         rid = next(link.ids)
         reply = link.replies[rid] = _Reply()
         try:
-            await link.transport.send(encode({"type": "session:leave", "id": rid}))
-            with trio.move_on_after(self.options.request_timeout):
+            # A closed connection or no reply in time: not confirmed, reported below.
+            with trio.move_on_after(self.options.request_timeout), contextlib.suppress(TransportClosed):
+                await link.transport.send(encode({"type": "session:leave", "id": rid}))
                 await reply.done.wait()
-        except TransportClosed:
-            pass  # reported below as no reply
         finally:
             link.replies.pop(rid, None)
         if reply.frame is None or reply.frame.get("type") != "session:left":
@@ -869,7 +874,12 @@ class Session:
             async with self.options.connector(self.url, self.options.connect_timeout) as transport:
                 try:
                     async with trio.open_nursery() as nursery:
-                        link = _Link(transport, nursery.cancel_scope, self.options.token is not None)
+                        link = _Link(
+                            transport,
+                            nursery.cancel_scope,
+                            self.options.token is not None,
+                            self.options.request_timeout,
+                        )
                         self._link = link
                         nursery.start_soon(self._read, link)
                         await self._handshake(link, nursery)
@@ -945,7 +955,8 @@ class Session:
             if expires_at is None:
                 return
             remaining = clock.seconds_until(expires_at)
-            await trio.sleep(max(0.0, remaining - min(margin, remaining * 0.2)))
+            # At least a second between refreshes, even for a token that is (nearly) expired already.
+            await trio.sleep(max(1.0, remaining - min(margin, remaining * 0.2)))
             expires_at = await self._auth(link, refresh=True)
 
     async def _keepalive(self, link: _Link) -> None:
@@ -968,10 +979,12 @@ class Session:
             if text is None:
                 link.end(ABNORMAL_CLOSE, message=f"no frame from the server for {silence} s")
                 return
-            with contextlib.suppress(ValueError):
+            try:
                 frame = json.loads(text)
-                if isinstance(frame, dict):
-                    await self._dispatch(link, frame)
+            except ValueError:
+                continue  # not JSON: nothing a client can act on
+            if isinstance(frame, dict):
+                await self._dispatch(link, frame)
 
     async def _dispatch(self, link: _Link, frame: Frame) -> None:
         """Apply one server frame in arrival order, so events reach the application in the server's order."""
@@ -1025,9 +1038,14 @@ class Session:
         seq = frame.get("seq")
         if not isinstance(seq, int) or not self._filter.is_new(seq):
             return  # seen before (a replay after a reconnect), or malformed
-        mid = frame.get("mid")
-        ts = frame.get("ts")
-        event = Message(seq, str(frame.get("from")), frame.get("data"), ts if isinstance(ts, int) else 0, mid)
+        mid, ts = frame.get("mid"), frame.get("ts")
+        event = Message(
+            seq,
+            str(frame.get("from")),
+            frame.get("data"),
+            ts if isinstance(ts, int) else 0,
+            mid if isinstance(mid, str) else None,
+        )
         await self._emit(event)
         self._filter.delivered(seq)
 
