@@ -383,7 +383,7 @@ async def test_fatal_close_codes_close_the_session_without_a_retry(
 
         async def send_one() -> None:
             sending.set()
-            with pytest.raises(SessionClosed):
+            with pytest.raises(SessionClosed), trio.fail_after(PATIENCE):
                 await session.send("lost")
 
         async with trio.open_nursery() as nursery:
@@ -397,7 +397,7 @@ async def test_fatal_close_codes_close_the_session_without_a_retry(
         await trio.sleep(600)
         assert len(fake.attempts) == 1
         assert session.save()["pending"][0]["data"] == "lost"  # kept for a later resume by the application
-        with pytest.raises(SessionClosed):
+        with pytest.raises(SessionClosed), trio.fail_after(PATIENCE):
             await session.send("after")
 
 
@@ -539,9 +539,9 @@ async def test_the_outbox_bound_raises_past_it(autojump_clock: trio.testing.Mock
             for n in range(2):
                 nursery.start_soon(session.send, n)
             await trio.testing.wait_all_tasks_blocked()
-            with pytest.raises(OutboxFull):
+            with pytest.raises(OutboxFull), trio.fail_after(PATIENCE):
                 await session.send(2)
-            with pytest.raises(client.MessageTooLarge):
+            with pytest.raises(client.MessageTooLarge), trio.fail_after(PATIENCE):
                 await session.send("x" * 70_000)  # over the default 65536 bytes: refused before queueing
             assert session.pending == 2
             nursery.cancel_scope.cancel()
@@ -585,7 +585,7 @@ async def test_auth_sends_the_token_and_refreshes_it_before_it_expires(autojump_
         await conn.reply(auth, "auth:ok", user="alice", expires_at=server_ms + 100_000)
         await conn.resumed()
         await session.wait_open()
-        with pytest.raises(client.MessageTooLarge):  # the limit the welcome gave
+        with pytest.raises(client.MessageTooLarge), trio.fail_after(PATIENCE):  # the limit the welcome gave
             await session.send("x" * 300)
         refresh = await conn.expect("auth", patience=100.0)  # 80 s in: 100 s left less min(30 s, 20 %)
         assert refresh["token"] == "jwt-2" and trio.current_time() - start == pytest.approx(80.0)
@@ -745,9 +745,18 @@ async def test_create_join_and_exchange(tandem: Server) -> None:
             got_a = await messages(a, 1)
             assert (got_a[0].seq, got_a[0].data, got_a[0].sender) == (2, ["back", 2], b.client_id)
             assert got_a[0].mid is not None and got_b[0].ts > 0
-        # B's block ended without leaving: B is offline, still a member.
+            # B's block ends without leaving: B goes offline and stays a member.
         assert await next_of(a, client.Presence) == client.Presence(str(b.client_id), False)
         assert a.peers == (client.Peer(str(b.client_id), False),)
+        async with client.resume(tandem.url, b.save(), fast()) as b:
+            assert await next_of(a, client.Presence) == client.Presence(str(b.client_id), True)
+            with trio.fail_after(PATIENCE):
+                await b.leave()  # for good
+            assert b.state is State.CLOSED and "left" in str(b.error)
+            with pytest.raises(SessionClosed), trio.fail_after(PATIENCE):
+                await b.send("after leaving")
+            assert await next_of(a, client.PeerLeft) == client.PeerLeft(str(b.client_id))
+            assert not a.peers
     with pytest.raises(RequestFailed) as failed:
         async with client.join(tandem.url, "ZZZZ9999", fast()):
             raise AssertionError("joined a session that does not exist")
@@ -757,7 +766,7 @@ async def test_create_join_and_exchange(tandem: Server) -> None:
 @BOTH_STORES
 async def test_kill_9_and_restart_lose_nothing_and_store_nothing_twice(tandem: Server) -> None:
     recorder = Recorder()
-    async with client.create(tandem.url, fast(connector=recorder.connector)) as a:
+    async with client.create(tandem.url, fast(connector=recorder.connector, max_pending=3)) as a:
         assert a.code is not None
         async with client.join(tandem.url, a.code, fast()) as b:
             acks: dict[str, int] = {}
@@ -776,6 +785,8 @@ async def test_kill_9_and_restart_lose_nothing_and_store_nothing_twice(tandem: S
                 for n, data in enumerate(["three", "four"], start=2):  # queued while the server is down
                     nursery.start_soon(send, data)
                     await wait_pending(a, n)
+                with pytest.raises(OutboxFull), trio.fail_after(PATIENCE):  # "two", "three", "four" wait
+                    await a.send("five")
                 assert a.state is State.RECONNECTING
                 tandem.start()  # same port, same DATA_DIR (or the same Redis)
             # "two" came back as a duplicate of seq 2; the others were stored once each, in order.
