@@ -725,12 +725,20 @@ class Session:
         return self._state
 
     @property
-    def code(self) -> str | None:
-        return self._credentials[0] if self._credentials else None
+    def code(self) -> str:
+        """The session's code (upper case), to show to the person who joins."""
+        return self._member()[0]
 
     @property
-    def client_id(self) -> str | None:
-        return self._credentials[1] if self._credentials else None
+    def client_id(self) -> str:
+        """This member's id in the session (`Message.sender` of its messages at the peer)."""
+        return self._member()[1]
+
+    def _member(self) -> tuple[str, str, str]:
+        # Set before `create` and `join` return, and by `resume` from the start.
+        if self._credentials is None:
+            raise TandemError("no session yet")
+        return self._credentials
 
     @property
     def peers(self) -> tuple[Peer, ...]:
@@ -838,9 +846,7 @@ class Session:
 
         It holds the member's token: keep it as secret as the session.
         """
-        if self._credentials is None:
-            raise TandemError("no session yet: save after `create` or `join` returned")
-        code, client_id, token = self._credentials
+        code, client_id, token = self._member()
         pending = tuple((entry.mid, entry.data) for entry in self._outbox)
         return SavedState(code, client_id, token, self._consumed_seq, pending).to_json()
 
@@ -1110,7 +1116,7 @@ class Session:
         """Replace the members from a `clients` list (this member left out), keeping the server's order."""
         if not isinstance(clients, list):
             return
-        me = self.client_id
+        me = self._credentials[1] if self._credentials else None
         self._members = {
             str(c.get("client_id")): bool(c.get("online"))
             for c in clients
@@ -1177,7 +1183,7 @@ async def _open(url: str, intent: _Intent, options: Options | None, saved: Saved
                 if saved is None:
                     with trio.fail_after(session.options.open_timeout):
                         await session._ready.wait()
-                    if session.code is None:
+                    if session._credentials is None:
                         raise session.error or SessionClosed("the session closed before it opened")
                 yield session
             finally:

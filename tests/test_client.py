@@ -729,10 +729,10 @@ class _Recording:
 @BOTH_STORES
 async def test_create_join_and_exchange(tandem: Server) -> None:
     async with client.create(tandem.url, fast()) as a:
-        assert a.state is State.OPEN and a.code is not None and not a.peers
+        assert a.state is State.OPEN and len(a.code) == 8 and not a.peers
         async with client.join(tandem.url, a.code.lower(), fast()) as b:
-            assert b.code == a.code and b.peers == (client.Peer(str(a.client_id), True),)
-            assert (await next_of(a, client.Paired)).peers == (client.Peer(str(b.client_id), True),)
+            assert b.code == a.code and b.peers == (client.Peer(a.client_id, True),)
+            assert (await next_of(a, client.Paired)).peers == (client.Peer(b.client_id, True),)
             with trio.fail_after(PATIENCE):
                 assert await a.send({"text": "hello"}) == 1
                 assert await b.send(["back", 2]) == 2
@@ -746,16 +746,16 @@ async def test_create_join_and_exchange(tandem: Server) -> None:
             assert (got_a[0].seq, got_a[0].data, got_a[0].sender) == (2, ["back", 2], b.client_id)
             assert got_a[0].mid is not None and got_b[0].ts > 0
             # B's block ends without leaving: B goes offline and stays a member.
-        assert await next_of(a, client.Presence) == client.Presence(str(b.client_id), False)
-        assert a.peers == (client.Peer(str(b.client_id), False),)
+        assert await next_of(a, client.Presence) == client.Presence(b.client_id, False)
+        assert a.peers == (client.Peer(b.client_id, False),)
         async with client.resume(tandem.url, b.save(), fast()) as b:
-            assert await next_of(a, client.Presence) == client.Presence(str(b.client_id), True)
+            assert await next_of(a, client.Presence) == client.Presence(b.client_id, True)
             with trio.fail_after(PATIENCE):
                 await b.leave()  # for good
             assert b.state is State.CLOSED and "left" in str(b.error)
             with pytest.raises(SessionClosed), trio.fail_after(PATIENCE):
                 await b.send("after leaving")
-            assert await next_of(a, client.PeerLeft) == client.PeerLeft(str(b.client_id))
+            assert await next_of(a, client.PeerLeft) == client.PeerLeft(b.client_id)
             assert not a.peers
     with pytest.raises(RequestFailed) as failed:
         async with client.join(tandem.url, "ZZZZ9999", fast()):
@@ -766,40 +766,41 @@ async def test_create_join_and_exchange(tandem: Server) -> None:
 @BOTH_STORES
 async def test_kill_9_and_restart_lose_nothing_and_store_nothing_twice(tandem: Server) -> None:
     recorder = Recorder()
-    async with client.create(tandem.url, fast(connector=recorder.connector, max_pending=3)) as a:
-        assert a.code is not None
-        async with client.join(tandem.url, a.code, fast()) as b:
-            acks: dict[str, int] = {}
+    async with (
+        client.create(tandem.url, fast(connector=recorder.connector, max_pending=3)) as a,
+        client.join(tandem.url, a.code, fast()) as b,
+    ):
+        acks: dict[str, int] = {}
 
-            async def send(data: str) -> None:
-                with trio.fail_after(3 * PATIENCE):
-                    acks[data] = await a.send(data)
+        async def send(data: str) -> None:
+            with trio.fail_after(3 * PATIENCE):
+                acks[data] = await a.send(data)
 
-            async with trio.open_nursery() as nursery:
-                await send("one")
-                recorder.hide_acks = 1  # "two" is stored but A never hears so
-                nursery.start_soon(send, "two")
-                assert [m.data for m in await messages(b, 2)] == ["one", "two"]
-                await recorder.ack_hidden()  # B may see "two" before A's ack arrives
-                tandem.kill()
-                for n, data in enumerate(["three", "four"], start=2):  # queued while the server is down
-                    nursery.start_soon(send, data)
-                    await wait_pending(a, n)
-                with pytest.raises(OutboxFull), trio.fail_after(PATIENCE):  # "two", "three", "four" wait
-                    await a.send("five")
-                assert a.state is State.RECONNECTING
-                tandem.start()  # same port, same DATA_DIR (or the same Redis)
-            # "two" came back as a duplicate of seq 2; the others were stored once each, in order.
-            assert acks == {"one": 1, "two": 2, "three": 3, "four": 4}
-            assert [(m.seq, m.data) for m in await messages(b, 2)] == [(3, "three"), (4, "four")]
-            with trio.fail_after(PATIENCE):
-                assert await b.send("b") == 5
-            assert [(m.seq, m.data) for m in await messages(a, 1)] == [(5, "b")]
-            with trio.move_on_after(0.5):
-                extra = await next_of(b, Message)
-                raise AssertionError(f"delivered twice: {extra}")
-            assert stored(tandem, a.code)["messages"] == 5
-            assert len(recorder.attempts) >= 2
+        async with trio.open_nursery() as nursery:
+            await send("one")
+            recorder.hide_acks = 1  # "two" is stored but A never hears so
+            nursery.start_soon(send, "two")
+            assert [m.data for m in await messages(b, 2)] == ["one", "two"]
+            await recorder.ack_hidden()  # B may see "two" before A's ack arrives
+            tandem.kill()
+            for n, data in enumerate(["three", "four"], start=2):  # queued while the server is down
+                nursery.start_soon(send, data)
+                await wait_pending(a, n)
+            with pytest.raises(OutboxFull), trio.fail_after(PATIENCE):  # "two", "three", "four" wait
+                await a.send("five")
+            assert a.state is State.RECONNECTING
+            tandem.start()  # same port, same DATA_DIR (or the same Redis)
+        # "two" came back as a duplicate of seq 2; the others were stored once each, in order.
+        assert acks == {"one": 1, "two": 2, "three": 3, "four": 4}
+        assert [(m.seq, m.data) for m in await messages(b, 2)] == [(3, "three"), (4, "four")]
+        with trio.fail_after(PATIENCE):
+            assert await b.send("b") == 5
+        assert [(m.seq, m.data) for m in await messages(a, 1)] == [(5, "b")]
+        with trio.move_on_after(0.5):
+            extra = await next_of(b, Message)
+            raise AssertionError(f"delivered twice: {extra}")
+        assert stored(tandem, a.code)["messages"] == 5
+        assert len(recorder.attempts) >= 2
 
 
 @BOTH_STORES
@@ -808,10 +809,9 @@ async def test_a_sigterm_drain_1012_is_followed_by_an_immediate_reconnect(
 ) -> None:
     first = tandem_factory(data_dir=tmp_path / "one")
     recorder = Recorder()
-    # A reconnect that waited its backoff would wait 0.999 s at least: 1012 must not.
-    options = fast(connector=recorder.connector, backoff=Backoff(base=1.0, cap=2.0), random=lambda: 0.999)
+    # A reconnect that waited its backoff would wait 1.998 s: 1012 must not (the bounds below leave room for load).
+    options = fast(connector=recorder.connector, backoff=Backoff(base=2.0, cap=2.0), random=lambda: 0.999)
     async with client.create(first.url, options) as a:
-        assert a.code is not None
         with trio.fail_after(PATIENCE):
             assert await a.send("before") == 1
         second = None
@@ -824,10 +824,10 @@ async def test_a_sigterm_drain_1012_is_followed_by_an_immediate_reconnect(
         assert code == 1012
         if second is not None:  # Redis: resumed on the other instance within moments
             await until_state(a, State.OPEN)
-            assert trio.current_time() - closed_at < 0.5
+            assert trio.current_time() - closed_at < 1.5
         assert await wait_exit(first) == 0
         retried_at = min(t for t in recorder.attempts if t >= closed_at)
-        assert retried_at - closed_at < 0.3  # the first retry went out at once
+        assert retried_at - closed_at < 1.0  # the first retry went out at once
         if second is None:  # SQLite: the same server comes back on its data
             first.start()
             await until_state(a, State.OPEN)
@@ -862,7 +862,6 @@ async def test_a_restarted_client_carries_on_from_its_saved_state(tandem: Server
         a, end_first_life = await nursery.start(
             in_a_task, client.create(tandem.url, fast(connector=recorder.connector))
         )
-        assert a.code is not None
         async with client.join(tandem.url, a.code, fast()) as b:
             with trio.fail_after(PATIENCE):
                 await b.send("b1")
