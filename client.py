@@ -501,14 +501,18 @@ def _close_code(exc: ConnectionClosed) -> int:
 
 @asynccontextmanager
 async def websocket_connector(url: str, connect_timeout: float) -> AsyncIterator[Transport]:
-    """The default connector: trio-websocket, frames up to 16 MiB (the server's largest `MAX_MESSAGE_BYTES`)."""
+    """The default connector: trio-websocket, receiving frames up to 32 MiB.
+
+    The server accepts at most 16 MiB (its largest `MAX_MESSAGE_BYTES`); a relayed
+    `message` carries the sender's data plus a few fields, so it may be a little larger.
+    """
     opened = False
     try:
         async with open_websocket_url(
             url,
             connect_timeout=connect_timeout,
             disconnect_timeout=DISCONNECT_TIMEOUT,
-            max_message_size=16 * 1024 * 1024,
+            max_message_size=32 * 1024 * 1024,
         ) as ws:
             opened = True
             yield _WebSocket(ws)
@@ -517,10 +521,12 @@ async def websocket_connector(url: str, connect_timeout: float) -> AsyncIterator
             raise
         body = bytes(exc.body or b"")[:200].decode("utf-8", "replace")
         raise ConnectionLost(body, http_status=exc.status_code, retry_after=retry_after_header(exc.headers)) from exc
-    except DisconnectionTimeout:
-        # Our closing handshake timed out after the connection was done with: nothing is lost.
+    except DisconnectionTimeout as exc:
         if not opened:
             raise ConnectionLost("connection timed out") from None
+        if isinstance(exc.__context__, trio.Cancelled | BaseExceptionGroup):
+            raise  # the block was cancelled (or failed): never hide that behind the close
+        # Otherwise our closing handshake timed out after the connection was done with: nothing is lost.
     except (HandshakeError, ConnectionClosed, OSError) as exc:
         if opened:
             raise
