@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import secrets
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -668,13 +669,18 @@ async def messages(session: Session, count: int) -> list[Message]:
     return [await next_of(session, Message) for _ in range(count)]
 
 
-async def wait_pending(session: Session, count: int) -> None:
-    """Wait until `count` sends are queued (the tasks that send them have run)."""
-    for _ in range(500):
-        if session.pending >= count:
+async def wait_until(condition: Callable[[], bool], what: str) -> None:
+    """Poll `condition` until it holds (at most PATIENCE s)."""
+    for _ in range(int(PATIENCE / 0.01)):
+        if condition():
             return
         await trio.sleep(0.01)
-    raise AssertionError(f"{session.pending} sends queued, expected {count}")
+    raise AssertionError(f"never {what}")
+
+
+async def wait_pending(session: Session, count: int) -> None:
+    """Wait until `count` sends are queued (the tasks that send them have run)."""
+    await wait_until(lambda: session.pending >= count, f"{count} sends queued")
 
 
 @dataclass
@@ -691,11 +697,7 @@ class Recorder:
 
     async def ack_hidden(self) -> None:
         """Wait until every ack to hide was hidden (it arrived)."""
-        for _ in range(int(PATIENCE / 0.01)):
-            if not self.hide_acks:
-                return
-            await trio.sleep(0.01)
-        raise AssertionError("the ack to hide never came")
+        await wait_until(lambda: not self.hide_acks, "the ack to hide came")
 
     @asynccontextmanager
     async def _connect(self, url: str, connect_timeout: float) -> AsyncIterator[Transport]:
@@ -899,6 +901,42 @@ async def test_a_restarted_client_carries_on_from_its_saved_state(tandem: Server
                     extra = await next_of(b, Message)
                     raise AssertionError(f"delivered twice: {extra}")
                 assert stored(tandem, a.code)["messages"] == 4
+
+
+@BOTH_STORES
+async def test_rate_limited_sends_wait_retry_after_and_keep_their_order(tandem_factory: ServerFactory) -> None:
+    limits = {"RATE_LIMIT_ENABLED": "1", "RATE_LIMIT_MESSAGES_USER": "3/1", "RATE_LIMIT_MESSAGES_IP": "off"}
+    server = tandem_factory(**limits, HASH_KEY=f"client-test-{secrets.token_hex(8)}")  # limiter keys of its own
+    async with client.create(server.url, fast()) as a, client.join(server.url, a.code, fast()) as b:
+        acks: dict[int, int] = {}
+
+        async def send(n: int) -> None:
+            with trio.fail_after(PATIENCE):
+                acks[n] = await a.send(n)
+
+        def queued(count: int) -> Callable[[], bool]:
+            return lambda: a.pending + len(acks) >= count
+
+        async with trio.open_nursery() as nursery:
+            for n in range(8):  # 3 a second: most of them are refused at first
+                nursery.start_soon(send, n)
+                await wait_until(queued(n + 1), f"send {n} queued")
+        assert acks == {n: n + 1 for n in range(8)}  # each stored once, in the order sent
+        assert [(m.seq, m.data) for m in await messages(b, 8)] == [(n + 1, n) for n in range(8)]
+        refused = [e for e in await events_now(a) if isinstance(e, client.ServerError)]
+        assert refused and all(e.code == "rate_limited" and e.retry_after for e in refused)
+        assert a.state is State.OPEN
+
+
+async def events_now(session: Session) -> list[client.Event]:
+    """The events waiting in the session's buffer now."""
+    found: list[client.Event] = []
+    for _ in range(1000):
+        with trio.move_on_after(0.05) as waited:
+            found.append(await session.next_event())
+        if waited.cancelled_caught:
+            break
+    return found
 
 
 async def test_no_retry_after_1008(tandem_factory: ServerFactory) -> None:
