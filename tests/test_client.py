@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import trio
@@ -52,6 +52,7 @@ from client import (
 
 Frame = dict[str, Any]
 Ender = Callable[[], Awaitable[None]]
+E = TypeVar("E")
 PATIENCE = 10.0  # seconds (real, or virtual under MockClock) a test waits for one frame, event or reply
 CODE = "ABCD2345"
 SAVED: Frame = {"version": 1, "code": CODE, "client_id": "me", "token": "tok", "last_seq": 0, "pending": []}
@@ -240,16 +241,12 @@ class FakeConnection:
     async def close(self, code: int) -> None:
         await self.to_client_in.send(code)
 
-    async def resumed(self, *, last_seq: int = 0, recovered: bool = True, expect_last_seq: int | None = None) -> Frame:
-        """Answer the client's `session:resume` (checking its last_seq when given); returns the request."""
+    async def resumed(self) -> Frame:
+        """Answer the client's `session:resume` of SAVED's member (both members online); returns the request."""
         request = await self.expect("session:resume")
         assert (request["code"], request["client_id"], request["token"]) == (CODE, "me", "tok")
-        if expect_last_seq is not None:
-            assert request["last_seq"] == expect_last_seq, request
         clients = [{"client_id": "me", "online": True}, {"client_id": "peer", "online": True}]
-        await self.reply(request, "session:resumed", code=CODE, client_id="me", clients=clients, last_seq=last_seq)
-        if not recovered:  # a second frame would reorder nothing; sent as a field of the reply in real life
-            pass
+        await self.reply(request, "session:resumed", code=CODE, client_id="me", clients=clients, last_seq=0)
         return request
 
     async def message(self, seq: int, data: Any = None) -> None:
@@ -298,7 +295,7 @@ class FakeServer:
         return Options(**{**settings, **overrides})
 
 
-async def next_of(session: Session, kind: type[Any], patience: float = PATIENCE) -> Any:
+async def next_of(session: Session, kind: type[E], patience: float = PATIENCE) -> E:
     """The next event of type `kind`, skipping others (a bounded number), each within `patience` s."""
     for _ in range(100):
         with trio.fail_after(patience):
@@ -321,7 +318,7 @@ async def closed_with(session: Session, patience: float = PATIENCE) -> client.Ta
     for _ in range(100):
         event = await next_of(session, StateChanged, patience)
         if event.state is State.CLOSED:
-            return event.error  # type: ignore[no-any-return]
+            return event.error
     raise AssertionError("not closed")
 
 
@@ -335,17 +332,17 @@ async def resumed_fake(fake: FakeServer, **overrides: Any) -> AsyncIterator[tupl
         yield session, conn
 
 
+def waits(attempts: list[float]) -> list[float]:
+    """The time between one connection attempt and the next (rounded: MockClock times are exact)."""
+    return [round(later - earlier, 6) for earlier, later in itertools.pairwise(attempts)]
+
+
 async def test_reconnect_waits_grow_with_full_jitter_up_to_the_cap(autojump_clock: trio.testing.MockClock) -> None:
     fake = FakeServer(refuse=[ConnectionLost("refused")] * 20)
     async with client.resume("ws://fake/ws", SAVED, fake.options(max_attempts=8)) as session:
         error = await closed_with(session, patience=60.0)
     assert isinstance(error, ConnectionLost) and "8 connection attempts" in str(error)
     assert waits(fake.attempts) == [0.25, 0.5, 1.0, 2.0, 4.0, 5.0, 5.0]  # unit 0.5 of 0.5, 1, 2, 4, 8, 10, 10
-
-
-def waits(attempts: list[float]) -> list[float]:
-    """The time between one connection attempt and the next (rounded: MockClock times are exact)."""
-    return [round(later - earlier, 6) for earlier, later in itertools.pairwise(attempts)]
 
 
 async def test_1012_reconnects_at_once_1013_waits_the_floor_1006_backs_off(
