@@ -548,7 +548,10 @@ class Options:
     ping_interval: float = 15.0  # a `ping` this often; the server answers with `pong`
     ping_timeout: float = 10.0  # no frame for ping_interval + ping_timeout: the connection is dead
     max_pending: int = 100  # unacknowledged sends; the server's default HISTORY_SIZE, as a `mid` lives in history
-    max_in_flight: int = 16  # sends awaiting their ack at once, below the server's 20 errors in a row
+    # Sends written and awaiting their ack at once. 1 keeps the order of sends: with more, a send
+    # refused by a rate limit (or `unavailable`) and resent can be stored after a later one that
+    # the server admitted meanwhile. Keep it below MAX_CONSECUTIVE_ERRORS (20): each refusal counts.
+    max_in_flight: int = 1
     event_buffer: int = 256  # events waiting for the application; a full buffer stops reading the socket
     max_message_bytes: int = 65536  # the server's MAX_MESSAGE_BYTES (a 1.1 `welcome` replaces it)
     token: TokenSource | None = None  # protocol 1.1: a JWT for `auth`, asked for on each connection and refresh

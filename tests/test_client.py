@@ -495,13 +495,36 @@ async def test_unacknowledged_sends_are_resent_with_their_mid_after_a_resume(
             assert session.pending == 2
             conn = await fake.accept()
             await conn.resumed()
-            again, second = await conn.expect("message:send"), await conn.expect("message:send")
+            again = await conn.expect("message:send")
             assert (again["mid"], again["data"]) == (first["mid"], "x")  # the same mid: stored once
-            assert second["data"] == "y" and second["mid"] != first["mid"]
+            await nothing_from(conn)  # one send in flight at a time (Options.max_in_flight)
             await conn.reply(again, "message:ack", seq=5, duplicate=True)
+            second = await conn.expect("message:send")
+            assert second["data"] == "y" and second["mid"] != first["mid"]
             await conn.reply(second, "message:ack", seq=6)
     assert seqs == {"x": 5, "y": 6}
     assert session.pending == 0
+
+
+async def nothing_from(conn: FakeConnection) -> None:
+    """Assert that the client sends nothing (but pings) for a virtual minute."""
+    with trio.move_on_after(60):
+        frame = await conn.receive(patience=120)
+        raise AssertionError(f"unexpected {frame}")
+
+
+async def test_a_wider_window_pipelines_sends_in_order(autojump_clock: trio.testing.MockClock) -> None:
+    fake = FakeServer()
+    async with resumed_fake(fake, max_in_flight=3) as (session, conn), trio.open_nursery() as nursery:
+        for n in range(4):
+            nursery.start_soon(session.send, n)
+            await trio.testing.wait_all_tasks_blocked()
+        written = [await conn.expect("message:send") for _ in range(3)]
+        assert [frame["data"] for frame in written] == [0, 1, 2]
+        await nothing_from(conn)  # the fourth waits for room in the window
+        await conn.reply(written[1], "message:ack", seq=2)
+        assert (await conn.expect("message:send"))["data"] == 3
+        nursery.cancel_scope.cancel()
 
 
 async def test_sends_wait_out_rate_limits_and_bad_ones_fail(autojump_clock: trio.testing.MockClock) -> None:
