@@ -12,11 +12,13 @@ import itertools
 import json
 import math
 import random
+import re
 import secrets
 import time
+import unicodedata
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, NoReturn, Protocol, TypeGuard
 
@@ -32,6 +34,7 @@ from trio_websocket import (
 __all__ = [
     "Acked",
     "Backoff",
+    "BadCode",
     "ConnectionLost",
     "Disconnect",
     "Event",
@@ -62,6 +65,7 @@ __all__ = [
     "create",
     "decide",
     "join",
+    "normalise_code",
     "resume",
     "websocket_connector",
 ]
@@ -79,6 +83,7 @@ FATAL_CLOSES = {
     1009: "a frame was over the server's size limit",
 }
 # Error codes that say "later" rather than "never"; every other error ends the attempt for good.
+CODE_PATTERN = re.compile(r"[0-9A-HJKMNP-TV-Z]{6,12}")  # Crockford's base32 without I L O U, 6 to 12 long
 RETRYABLE_ERRORS = frozenset({"rate_limited", "unavailable", "internal"})
 # Errors to a `message:send` that mean the session is over for this member (not the message's fault).
 SESSION_GONE_ERRORS = frozenset({"not_found", "not_in_session"})
@@ -136,6 +141,10 @@ class SessionClosed(TandemError):
 
 class OutboxFull(TandemError):
     """`Options.max_pending` sends are waiting for their ack; wait for some of them before sending more."""
+
+
+class BadCode(TandemError, ValueError):
+    """What was given to `join` cannot be a session code."""
 
 
 class MessageTooLarge(TandemError, ValueError):
@@ -239,6 +248,7 @@ class Backoff:
     base: float = 0.5
     cap: float = 10.0
     overload_floor: float = 1.0  # the least wait after close 1013 (the server is overloaded)
+    restart_spread: float = 0.25  # after close 1012 (restart) a random wait below this, so clients do not stampede
 
     def ceiling(self, attempt: int) -> float:
         """The longest wait before retry number `attempt` (0 for the first)."""
@@ -261,6 +271,7 @@ class Disconnect:
     in_session: bool = False  # the connection had been in the session (then a 1000 is a takeover)
     auth_expired: bool = False  # the server said `unauthorized` on its own (token expired) and a token source is set
     session_over: str | None = None  # the session ended (expired, left): nothing to resume
+    dropped_oversized: bool = False  # after 1009: the send the server found too big was dropped, the rest may go on
 
 
 @dataclass(frozen=True)
@@ -281,9 +292,10 @@ class GiveUp:
 def decide(ended: Disconnect, attempt: int, backoff: Backoff, unit: float) -> Retry | GiveUp:
     """Whether and when to reconnect after `ended`, the `attempt`-th retry in a row; `unit` is a uniform [0, 1) draw.
 
-    Close 1012 (server restarting) retries at once; 1013 (overloaded) waits at least
-    `overload_floor`; a `retry_after` is waited in full; fatal closes, errors that
-    would repeat (`not_found`, `unauthorized`, ...) and a takeover give up.
+    Close 1012 (server restarting) retries at once (within `restart_spread`); 1013
+    (overloaded) waits at least `overload_floor`, 1009 after its send was dropped at
+    least one backoff step; a `retry_after` is waited in full; fatal closes, errors
+    that would repeat (`not_found`, `unauthorized`, ...) and a takeover give up.
     """
     jitter = backoff.delay(attempt, unit)
     if ended.session_over is not None:
@@ -292,6 +304,8 @@ def decide(ended: Disconnect, attempt: int, backoff: Backoff, unit: float) -> Re
         return GiveUp(RequestFailed(ended.error, ended.message, ended.retry_after))
     if ended.close_code == 1008 and ended.auth_expired:
         return Retry(jitter, attempt + 1)  # the token ran out: reconnect with a fresh one from the source
+    if ended.close_code == 1009 and ended.dropped_oversized:
+        return Retry(backoff.delay(max(attempt, 1), unit), attempt + 1)  # not the same frame again
     if ended.close_code in FATAL_CLOSES:
         return GiveUp(
             ConnectionLost(f"closed with {ended.close_code}: {FATAL_CLOSES[ended.close_code]}", ended.close_code)
@@ -303,7 +317,8 @@ def decide(ended: Disconnect, attempt: int, backoff: Backoff, unit: float) -> Re
     if status is not None and 400 <= status < 500 and status != 429:
         return GiveUp(ConnectionLost(f"upgrade refused with HTTP {status}: {ended.message}", http_status=status))
     if ended.close_code == 1012 and ended.retry_after is None:
-        return Retry(0.0, 0)  # a graceful restart: another instance (or this one, restarted) takes us now
+        # A graceful restart: another instance (or this one, restarted) takes us now.
+        return Retry(unit * backoff.restart_spread, 0)
     delay = jitter
     if ended.close_code == 1013:
         delay = max(delay, backoff.overload_floor)
@@ -429,6 +444,22 @@ class SavedState:
             raise ValueError("saved session pending must be a list of {mid, data}")
         code, client_id, token = (str(value) for value in strings)
         return cls(code, client_id, token, last_seq, tuple((item["mid"], item["data"]) for item in pending))
+
+
+def normalise_code(typed: str) -> str:
+    """A session code as the server expects it, from what a person typed; `BadCode` when it cannot be one.
+
+    Any case; spaces, hyphens, underscores and dots ignored; the ambiguous letters
+    forgiven as in Crockford's base32 (I and L read as 1, O as 0), like tandem.js.
+    """
+    compact = re.sub(
+        r"[\s\-_.]", "", unicodedata.normalize("NFKC", typed)
+    )  # NFKC: a full-width letter is its ASCII one
+    code = compact.upper().replace("I", "1").replace("L", "1").replace("O", "0") if compact.isascii() else ""
+    if not CODE_PATTERN.fullmatch(code):
+        why = "codes never contain the letter U" if "U" in code else "a code is 6 to 12 letters and digits"
+        raise BadCode(f"not a session code: {typed!r} ({why})")
+    return code
 
 
 def new_mid() -> str:
@@ -905,7 +936,29 @@ class Session:
                     self._changed.set()
         except ConnectionLost as exc:
             return Disconnect(http_status=exc.http_status, retry_after=exc.retry_after, message=str(exc)), False
-        return link.ended or Disconnect(close_code=ABNORMAL_CLOSE), link.in_session
+        ended = link.ended or Disconnect(close_code=ABNORMAL_CLOSE)
+        if ended.close_code == 1009:
+            ended = await self._drop_oversized(link, ended)
+        return ended, link.in_session
+
+    async def _drop_oversized(self, link: _Link, ended: Disconnect) -> Disconnect:
+        """After 1009: drop the oldest send in flight (the frame over the server's limit) and learn the limit.
+
+        It is never sent again; its `send` raises `MessageTooLarge`, and a `ServerError`
+        `too_big` reports it. With no send in flight the cause is unknown: `decide` gives up.
+        """
+        culprit = next((entry for entry in self._outbox if entry.mid in link.in_flight), None)
+        if culprit is None:
+            return ended
+        self._outbox.remove(culprit.mid)
+        size = len(culprit.text.encode())
+        self._max_bytes = min(self._max_bytes, size - 1)
+        error = MessageTooLarge(f"the server closed the connection (1009) over a message:send frame of {size} bytes")
+        waiter = self._waiters.pop(culprit.mid, None)
+        if waiter is not None:
+            waiter.fail(error)
+        await self._emit(ServerError("too_big", str(error)))
+        return replace(ended, dropped_oversized=True)
 
     async def _handshake(self, link: _Link, nursery: trio.Nursery) -> None:
         """Authenticate when the server asks for it, then create, join or resume; the reader applies the reply."""
@@ -1211,12 +1264,13 @@ def create(url: str, options: Options | None = None) -> AbstractAsyncContextMana
 
 
 def join(url: str, code: str, options: Options | None = None) -> AbstractAsyncContextManager[Session]:
-    """Join the session `code`; entered once joined. A code that does not exist raises `RequestFailed` (not_found).
+    """Join the session `code` (as typed: see `normalise_code`); entered once joined.
 
-    If the connection drops after the join was sent and before its reply, the retry
-    may find the session full (the first join may have taken the place).
+    A code that does not exist raises `RequestFailed` (not_found), one that cannot be
+    a code `BadCode`. If the connection drops after the join was sent and before its
+    reply, the retry may find the session full (the first join may have taken the place).
     """
-    return _open(url, _Join(code), options, None)
+    return _open(url, _Join(normalise_code(code)), options, None)
 
 
 def resume(url: str, saved: Mapping[str, Any], options: Options | None = None) -> AbstractAsyncContextManager[Session]:

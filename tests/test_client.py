@@ -72,7 +72,7 @@ BACKOFF = Backoff(base=0.5, cap=10.0, overload_floor=3.0)
         (Disconnect(close_code=1006), 3, Retry(2.0, 4)),
         (Disconnect(close_code=1006), 30, Retry(5.0, 31)),  # capped at 10 s
         (Disconnect(close_code=1011), 1, Retry(0.5, 2)),
-        (Disconnect(close_code=1012), 5, Retry(0.0, 0)),  # a restart: at once
+        (Disconnect(close_code=1012), 5, Retry(0.125, 0)),  # a restart: at once, spread over 0.25 s
         (Disconnect(close_code=1013), 0, Retry(3.0, 1)),  # overloaded: at least the floor
         (Disconnect(close_code=1013), 30, Retry(5.0, 31)),
         (Disconnect(error="rate_limited", retry_after=7.5), 0, Retry(7.5, 1)),  # retry_after in full
@@ -81,6 +81,7 @@ BACKOFF = Backoff(base=0.5, cap=10.0, overload_floor=3.0)
         (Disconnect(http_status=503, retry_after=5.0), 0, Retry(5.0, 1)),
         (Disconnect(close_code=1012, retry_after=2.0), 0, Retry(2.0, 1)),
         (Disconnect(close_code=1008, auth_expired=True), 0, Retry(0.25, 1)),  # token expired: a fresh one
+        (Disconnect(close_code=1009, dropped_oversized=True), 0, Retry(0.5, 1)),  # at least one backoff step
         (Disconnect(close_code=1000), 0, Retry(0.25, 1)),  # not in the session yet: an idle close
         (Disconnect(message="no reply"), 0, Retry(0.25, 1)),
     ],
@@ -175,6 +176,16 @@ def test_saved_state_round_trips_through_json_and_refuses_junk() -> None:
     ]:
         with pytest.raises(ValueError):
             SavedState.from_json(junk)
+
+
+def test_codes_are_read_as_a_person_typed_them() -> None:
+    assert client.normalise_code("abcd-2345") == "ABCD2345"
+    assert client.normalise_code(" ab cd 23 45 ") == "ABCD2345"
+    assert client.normalise_code("ILOZ2345") == "110Z2345"  # I and L read as 1, O as 0
+    assert client.normalise_code("\uff21\uff22\uff23\uff24\uff12\uff13\uff14\uff15") == "ABCD2345"  # full width
+    for bad in ["ABC12", "ABCDEFGH12345", "UUUU2345", "ABCD 23!5", "straße12", ""]:
+        with pytest.raises(client.BadCode):
+            client.normalise_code(bad)
 
 
 def test_retry_after_header() -> None:
@@ -356,7 +367,7 @@ async def test_1012_reconnects_at_once_1013_waits_the_floor_1006_backs_off(
             conn = await fake.accept()
             await conn.resumed()
             assert await next_of(session, StateChanged) == StateChanged(State.OPEN)
-    assert waits(fake.attempts) == [0.0, 3.0, 0.25]  # at once; the 1013 floor; full jitter (0.5 of 0.5)
+    assert waits(fake.attempts) == [0.125, 3.0, 0.25]  # at once (spread); the 1013 floor; full jitter
 
 
 async def test_retry_after_is_waited_in_full(autojump_clock: trio.testing.MockClock) -> None:
@@ -371,7 +382,7 @@ async def test_retry_after_is_waited_in_full(autojump_clock: trio.testing.MockCl
     assert waits(fake.attempts) == [9.0, 7.0]
 
 
-@pytest.mark.parametrize("code", [1003, 1008, 1009, 1002])
+@pytest.mark.parametrize("code", [1003, 1008, 1002, 1007])
 async def test_fatal_close_codes_close_the_session_without_a_retry(
     autojump_clock: trio.testing.MockClock, code: int
 ) -> None:
@@ -397,6 +408,37 @@ async def test_fatal_close_codes_close_the_session_without_a_retry(
         assert session.save()["pending"][0]["data"] == "lost"  # kept for a later resume by the application
         with pytest.raises(SessionClosed), trio.fail_after(PATIENCE):
             await session.send("after")
+
+
+async def test_1009_drops_the_oversized_send_and_carries_on(autojump_clock: trio.testing.MockClock) -> None:
+    fake = FakeServer()
+    async with resumed_fake(fake) as (session, conn):
+        refused: list[Exception] = []
+
+        async def send_big() -> None:
+            with pytest.raises(client.MessageTooLarge) as exc, trio.fail_after(PATIENCE):
+                await session.send("x" * 1000)
+            refused.append(exc.value)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_big)
+            await conn.expect("message:send")
+            await conn.close(1009)  # the server's limit is lower than the client thought
+            conn = await fake.accept()
+            await conn.resumed()
+        assert refused and session.pending == 0
+        assert (await next_of(session, client.ServerError)).code == "too_big"
+        with pytest.raises(client.MessageTooLarge), trio.fail_after(PATIENCE):
+            await session.send("x" * 1000)  # the limit is learnt: refused before it is sent
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session.send, "small")
+            small = await conn.expect("message:send")
+            assert small["data"] == "small"
+            await conn.reply(small, "message:ack", seq=1)
+        await conn.close(1009)  # no send in flight: the cause is unknown, and would repeat
+        error = await closed_with(session)
+        assert isinstance(error, ConnectionLost) and error.close_code == 1009
+    assert waits(fake.attempts) == [0.5]  # after the first 1009: one backoff step (0.5 of 1 s)
 
 
 async def test_a_takeover_is_not_resumed(autojump_clock: trio.testing.MockClock) -> None:
@@ -957,6 +999,24 @@ async def events_now(session: Session) -> list[client.Event]:
         if waited.cancelled_caught:
             break
     return found
+
+
+async def test_1009_drops_the_oversized_send_and_the_session_goes_on(tandem_factory: ServerFactory) -> None:
+    server = tandem_factory(MAX_MESSAGE_BYTES="1024")
+    recorder = Recorder()
+    async with (
+        client.create(server.url, fast(connector=recorder.connector)) as a,
+        client.join(server.url, a.code, fast()) as b,
+    ):
+        with pytest.raises(client.MessageTooLarge), trio.fail_after(PATIENCE):
+            await a.send("x" * 2000)  # 65536 is the client's default: the server closes with 1009
+        with trio.fail_after(PATIENCE):
+            assert await a.send("small") == 1
+        assert [m.data for m in await messages(b, 1)] == ["small"]
+        assert stored(server, a.code)["messages"] == 1
+        with pytest.raises(client.MessageTooLarge), trio.fail_after(PATIENCE):
+            await a.send("x" * 2000)  # refused by the client now, without a second 1009
+        assert len(recorder.attempts) == 2 and a.state is State.OPEN
 
 
 async def test_no_retry_after_1008(tandem_factory: ServerFactory) -> None:
