@@ -14,6 +14,8 @@ import itertools
 import json
 import secrets
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
@@ -23,7 +25,7 @@ from typing import Any, TypeVar
 import pytest
 import trio
 import trio.testing
-from helpers import BOTH_STORES, Server, ServerFactory, stored, wait_exit
+from helpers import BOTH_STORES, ROOT, Server, ServerFactory, base_env, stored, wait_exit
 
 import client
 from client import (
@@ -1033,3 +1035,18 @@ async def test_no_retry_after_1008(tandem_factory: ServerFactory) -> None:
         assert isinstance(error, ConnectionLost) and error.close_code == 1008
         await trio.sleep(1.0)  # a retry would have gone out within 0.1 s
         assert len(recorder.attempts) == 1
+
+
+async def test_the_readme_example_works_as_written(tandem: Server) -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Python client\n", 1)[1].split("\n## ", 1)[0]
+    example = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert '"ws://127.0.0.1:3001/ws"' in example
+    script = example.replace('"ws://127.0.0.1:3001/ws"', repr(tandem.url))
+    env = {**base_env(), "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-c", script]
+    result = await trio.to_thread.run_sync(
+        lambda: subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=False)
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines() == ["stored as seq 1", "1 {'text': 'hello'}"]
