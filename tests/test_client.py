@@ -5,7 +5,8 @@ case by case. `FakeServer` is an in-process transport the test scripts frame by
 frame, on trio's MockClock, for what a real server cannot be made to do on cue
 (auth, retry_after, fatal close codes, silence). The rest runs real
 `python server.py` processes on both stores: kill -9 and restart, a SIGTERM
-drain, a restart of the client from its saved state, the outbox bound, 1008.
+drain, a restart of the client from its saved state, the outbox bound, rate
+limits, 1009 and 1008, and the README's example as written.
 """
 
 from __future__ import annotations
@@ -796,7 +797,8 @@ class _Recording:
 async def test_create_join_and_exchange(tandem: Server) -> None:
     async with client.create(tandem.url, fast()) as a:
         assert a.state is State.OPEN and len(a.code) == 8 and not a.peers
-        async with client.join(tandem.url, a.code.lower(), fast()) as b:
+        typed = f" {a.code[:4].lower()}-{a.code[4:]} "  # as a person types it: only the client forgives the "-"
+        async with client.join(tandem.url, typed, fast()) as b:
             assert b.code == a.code and b.peers == (client.Peer(a.client_id, True),)
             assert (await next_of(a, client.Paired)).peers == (client.Peer(b.client_id, True),)
             with trio.fail_after(PATIENCE):
