@@ -201,6 +201,8 @@ class KeySet:
     asks (one fetch at a time; callers meanwhile wait for it): when a `kid` is
     unknown, or the keys are older than `max_age`. A failed fetch keeps the
     keys it had, so the key server being down stops only tokens of new keys.
+    A `kid` is called unknown only after a fetch that began after it was asked
+    for; within a cooldown it is "try again" (random `kid`s cost a few bytes).
     """
 
     def __init__(
@@ -228,15 +230,24 @@ class KeySet:
         self.fetches = 0  # attempts, for tests and the log
 
     async def key(self, kid: str | None, algorithm: str) -> jwt.PyJWK:
-        """The key of `kid` for `algorithm`: AuthError for an unknown `kid` or another key type,
-        ServerError `unavailable` when the key is not cached and the key server cannot be reached."""
-        if kid not in self._keys or self._clock() - self._fetched >= self._max_age:
+        """The key of `kid` for `algorithm`.
+
+        AuthError for another key type, or a `kid` that a fetch made since this
+        call began does not hold. ServerError `unavailable` (retry after the
+        cooldown) when the key server cannot be reached, or when the cooldown
+        kept it from being asked: the key may have been published since.
+        """
+        asked = self._clock()
+        if kid not in self._keys or asked - self._fetched >= self._max_age:
             await self._refresh()
         found = self._keys.get(kid)
         if found is None:
+            wait = round(max(0.5, self._attempted + self._cooldown - self._clock()), 3)
             if self._failed:
-                wait = max(1.0, self._attempted + self._cooldown - self._clock())
-                raise ServerError("the key server cannot be reached", ErrorCode.UNAVAILABLE, retry_after=round(wait, 3))
+                raise ServerError("the key server cannot be reached", ErrorCode.UNAVAILABLE, retry_after=wait)
+            if self._attempted < asked:
+                message = "unknown key id (kid), not in the key set fetched moments ago"
+                raise ServerError(message, ErrorCode.UNAVAILABLE, retry_after=wait)
             raise AuthError("unknown key id (kid)" if kid is not None else "token has no key id (kid)")
         if found.algorithm_name != algorithm:
             raise AuthError(f"algorithm {algorithm} does not match the key's type")
