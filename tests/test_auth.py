@@ -446,6 +446,8 @@ async def test_tokens_never_appear_in_logs_or_metrics(tandem_factory: ServerFact
         await client.create()
     for jwt_text in bad:
         await rejected_upgrade(server, bearer(jwt_text))
+    async with connect(f"{server.url}?access_token={good[1]}") as client:  # the access log shows paths at DEBUG
+        await still_unauthenticated(client)
     _, _, metrics = await trio.to_thread.run_sync(http_get, f"{server.http}/metrics")
     output = server.output() + metrics.decode()
     assert "connection.close" in output
