@@ -156,6 +156,10 @@ class Pseudonyms:
     def code(self, code: str) -> str:
         return self._hash(b"code:", code)
 
+    def user(self, sub: str) -> str:
+        """An authenticated user (a token's `sub`) as a limiter key."""
+        return self._hash(b"user:", sub)
+
 
 @dataclass(frozen=True, slots=True)
 class LimitKey:

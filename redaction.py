@@ -43,6 +43,8 @@ REDACTED = "[redacted]"
 
 _URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)([^\s/@:]*):([^\s/@]*)@")
 _AUTH_SCHEME = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{6,}")
+# A JWT (base64url `{"...` header, payload, signature): hidden whole, short or long.
+_JWT = re.compile(r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 _QUERY_SECRET = re.compile(r"(?i)([?&;](?:access_token|token|api_key|key|secret|password|auth|signature|sig)=)[^&\s#]*")
 _EMAIL = re.compile(
     r"(?<![\w.+-])([A-Za-z0-9])[A-Za-z0-9._%+-]*@([A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)+)"
@@ -183,9 +185,10 @@ class Redactor:
 
 
 def hide_credentials(text: str) -> str:
-    """URL passwords, auth headers and secret query parameters hidden: for text that is not a log line."""
+    """URL passwords, auth headers, JWTs and secret query parameters hidden: for text that is not a log line."""
     text = _URL_USERINFO.sub(r"\1\2:***@", text)
     text = _AUTH_SCHEME.sub(r"\1 " + REDACTED, text)
+    text = _JWT.sub(REDACTED, text) if "eyJ" in text else text
     return _QUERY_SECRET.sub(r"\1" + REDACTED, text)
 
 

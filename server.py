@@ -45,6 +45,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
+import auth
 import config as config_module
 import health
 import hypercorn_fixes
@@ -117,6 +118,7 @@ class Tandem:
             # Limiter keys for addresses and codes; `share_hash_key` may replace the key.
             keys=Pseudonyms(config.hash_key.encode() or secrets.token_bytes(32)),
             report=self.report,
+            auth=auth.Authenticator.from_config(config),  # None: authentication is off
         )
         self.sockets = SocketCount(config.max_sockets, config.max_sockets_ip)
         self.draining = False
@@ -153,6 +155,14 @@ def limits_from_config(config: Config) -> Limits:
 
 def _error_response(status: int, code: ErrorCode, message: str, headers: dict[str, str] | None = None) -> Response:
     return JSONResponse({"error": {"code": str(code), "message": message}}, status, headers=headers)
+
+
+def auth_refused(error: protocol.TandemError) -> Response:
+    """An upgrade whose `Authorization` token failed: 401, or 503 when its key cannot be fetched."""
+    if isinstance(error, protocol.ServerError):
+        return _error_response(503, error.code, error.message, {"Retry-After": str(math.ceil(error.retry_after or 1))})
+    challenge = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
+    return _error_response(401, ErrorCode.UNAUTHORIZED, error.message, challenge)
 
 
 def too_many(rule: Rule, decision: Decision) -> Response:
@@ -218,10 +228,19 @@ def create_app(tandem: Tandem) -> Starlette:
                     tandem.metrics.rate_limited(connections.name)
                     await ws.send_denial_response(too_many(connections, decision))
                     return
+            identity = None
+            authorization = ws.headers.get("authorization")  # never a token in the URL
+            if tandem.services.auth is not None and authorization is not None:
+                try:
+                    identity = await tandem.services.auth.verify(auth.bearer(authorization))
+                except protocol.TandemError as exc:
+                    tandem.metrics.refused(exc.code)
+                    await ws.send_denial_response(auth_refused(exc))
+                    return
             offered = ws.scope.get("subprotocols") or []
             await ws.accept(protocol.SUBPROTOCOL if protocol.SUBPROTOCOL in offered else None)
             site_key = tandem.keys.address(ip, IPV6_SITE)
-            await Connection(AsgiSocket(ws), tandem.services, ip, ipk, site_key).run()
+            await Connection(AsgiSocket(ws), tandem.services, ip, ipk, site_key, identity).run()
         finally:
             tandem.sockets.close(ipk)
 
