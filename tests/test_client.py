@@ -27,6 +27,8 @@ import pytest
 import trio
 import trio.testing
 from helpers import BOTH_STORES, ROOT, Server, ServerFactory, base_env, stored, wait_exit
+from jwt_keys import AUDIENCE, ISSUER, SECRET, claims
+from jwt_keys import token as jwt_token
 
 import client
 from client import (
@@ -1052,3 +1054,35 @@ async def test_the_readme_example_works_as_written(tandem: Server) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.splitlines() == ["stored as seq 1", "1 {'text': 'hello'}"]
+
+
+async def test_authentication_against_a_real_server_refreshes_before_expiry(tandem_factory: ServerFactory) -> None:
+    """Protocol 1.1 auth: the token source is asked on connect and again before the token expires."""
+    settings = {"AUTH_JWT_SECRET": SECRET, "AUTH_AUDIENCE": AUDIENCE, "AUTH_ISSUER": ISSUER, "AUTH_LEEWAY": "0"}
+    server = tandem_factory(**settings)
+    asked: list[float] = []
+
+    async def short_lived() -> str:  # 4 s tokens: refreshed about a second before each expires
+        asked.append(trio.current_time())
+        return jwt_token(SECRET, claims(sub="ana", ttl=4))
+
+    async def long_lived() -> str:
+        return jwt_token(SECRET, claims(sub="ben"))
+
+    recorder = Recorder()
+    async with (
+        client.create(server.url, fast(token=short_lived, connector=recorder.connector)) as a,
+        client.join(server.url, a.code, fast(token=long_lived)) as b,
+    ):
+        with trio.fail_after(PATIENCE):
+            assert await a.send("one") == 1
+        await trio.sleep(5.5)  # past the first token's expiry: refreshed, so never closed with 1008
+        with trio.fail_after(PATIENCE):
+            assert await a.send("two") == 2
+            assert [(await next_of(b, Message)).data for _ in range(2)] == ["one", "two"]
+        assert a.state is State.OPEN and len(asked) >= 2
+        assert len(recorder.attempts) == 1  # refreshed on its connection, never closed and reconnected
+    with pytest.raises(RequestFailed) as refused:  # no token source: the server wants one
+        async with client.create(server.url, fast()):
+            pass
+    assert refused.value.code == "unauthorized"
