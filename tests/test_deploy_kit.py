@@ -205,13 +205,14 @@ def test_manifests_match_the_kubernetes_api_schemas(version: str) -> None:
         "Service",
         "Service",
     ]
+    problems = []
     for obj in objects:
         try:
             kubernetes_validate.validate(obj, version, strict=True)
         except kubernetes_validate.ValidationError as error:
-            path = ".".join(str(p) for p in error.path)
-            where = f"{obj['kind']} {obj['metadata']['name']} at {path or '/'}"
-            pytest.fail(f"{where}: {error.message} (Kubernetes {version})")
+            path = ".".join(str(p) for p in error.path) or "/"
+            problems.append(f"{obj['kind']} {obj['metadata']['name']} at {path}: {error.message}")
+    assert not problems, f"Kubernetes {version}:\n" + "\n".join(problems)
 
 
 def test_kustomization_lists_every_manifest_and_keeps_secrets_out_of_git() -> None:
