@@ -338,7 +338,7 @@ def _run(
             with work.transaction():
                 work.execute(step.text.encode())
                 work.execute(*record)
-        except (psycopg.errors.DatabaseError, psycopg.errors.ProgrammingError) as exc:
+        except psycopg.Error as exc:
             if work.closed:
                 raise  # the connection, not the file: _locked says where
             raise MigrationError(f"{step.label} failed (rolled back): {_one_line(exc)}") from exc

@@ -148,6 +148,26 @@ def test_a_down_for_a_step_never_applied_is_refused(pg_url: str, tmp_path: Path)
     assert versions(pg_url) == [1]
 
 
+def test_down_reverts_the_step_applied_last(pg_url: str, tmp_path: Path) -> None:
+    # 002 arrives after 003 was applied (a branch merged late): the migrator applies it then, and
+    # `down` reverts it first, whatever its number.
+    sql_dir = tmp_path / "sql"
+    (sql_dir / migrations.DOWN_DIR).mkdir(parents=True)
+
+    def add(name: str, table: str) -> None:
+        (sql_dir / name).write_text(f"CREATE TABLE {table} (x int);\n")
+        (sql_dir / migrations.DOWN_DIR / name).write_text(f"DROP TABLE {table};\n")
+
+    add("001_a.sql", "a")
+    add("003_c.sql", "c")
+    assert migrations.migrate(pg_url, directory=sql_dir).applied == ["001_a.sql", "003_c.sql"]
+    add("002_b.sql", "b")
+    assert migrations.migrate(pg_url, directory=sql_dir).applied == ["002_b.sql"]
+    report = migrations.revert(pg_url, directory=sql_dir)
+    assert report.reverted == ["002_b.sql"] and report.version == 3
+    assert migrations.revert(pg_url, 2, directory=sql_dir).reverted == ["003_c.sql", "001_a.sql"]
+
+
 def test_migrate_status_lists_applied_and_pending_steps(pg_url: str, tmp_path: Path) -> None:
     migrations.migrate(pg_url, target=3)
     result = migrate_cli(pg_url, "status", cwd=tmp_path)
@@ -156,6 +176,11 @@ def test_migrate_status_lists_applied_and_pending_steps(pg_url: str, tmp_path: P
     assert lines[0].endswith(f": 3 of {len(ALL)} migrations applied"), lines
     assert [line.split()[0] for line in lines[1:]] == [m.name for m in ALL]
     assert [line.split()[1] for line in lines[1:]] == ["applied"] * 3 + ["pending"] * (len(ALL) - 3)
+    # A row no file has (migrated by a newer release) is listed after the files.
+    query(pg_url, "INSERT INTO schema_migrations (version, name, checksum) VALUES (999, '999_later.sql', '')")
+    result = migrate_cli(pg_url, "status", cwd=tmp_path)
+    assert result.returncode == 0, result
+    assert result.stdout.splitlines()[-1].split()[:4] == ["999_later.sql", "(not", "in", "sql/)"], result
 
 
 def test_the_first_step_down_keeps_an_archive_that_holds_rows(pg_url: str) -> None:
@@ -365,13 +390,14 @@ def test_downs_and_ups_never_make_the_archive_writes_wait(pg_url: str, tmp_path:
                 code = proc.wait(120)
             runs[name] = (traffic.commits_between(held_from, held_to), held_to - held_from, waiting)
             assert code == 0, output.read_text()
+            # No write waited WRITE_LOCK_BOUND_MS on a lock (its lock_timeout), and writes went on
+            # while the migrator was held mid-statement.
+            assert traffic.failures == [], (name, traffic.failures[:3])
+            assert runs[name][0] >= 3, runs
             assert waiting is not None and still is not None, (name, waiting, output.read_text())
             assert statement in waiting, (name, waiting)
         assert versions(pg_url) == [m.version for m in ALL]
-    # No write waited WRITE_LOCK_BOUND_MS on a lock (its lock_timeout), and writes went on while
-    # each migrator was held mid-statement.
-    assert traffic.failures == [], traffic.failures[:5]
-    assert all(commits >= 3 for commits, _, _ in runs.values()), runs
+    assert traffic.failures == [], traffic.failures[:3]
     assert catalog(pg_url) == schema
     # The up run analyzed the tables it built indexes on.
     analyzed = query(
