@@ -57,7 +57,7 @@ import static_files
 from archive import Recorder, open_archive
 from config import Config
 from limiter import IPV6_SITE, Decision, Limiter, Limits, Pseudonyms, Rule, SocketCount, client_ip
-from migrations import MigrationError, migrate_command
+from migrations import MigrationError, migrate_command, parse_migrate_args
 from protocol import CloseCode, ErrorCode
 from redis_store import RedisStore
 from relay import Connection, Hub, Services, now_ms
@@ -519,10 +519,12 @@ LISTEN_ERRNOS = {
 }
 
 USAGE = """\
-usage: python server.py [migrate]
+usage: python server.py [migrate [down [N] | status]]
 
-  (no command)  serve: the relay on HOST:PORT (default 0.0.0.0:3001)
-  migrate       apply sql/ to DATABASE_URL (PostgreSQL archive), then exit
+  (no command)    serve: the relay on HOST:PORT (default 0.0.0.0:3001)
+  migrate         apply sql/ to DATABASE_URL (PostgreSQL archive), then exit
+  migrate down N  revert the N migrations applied last (default 1), then exit
+  migrate status  list sql/'s migrations, applied or pending, then exit
 
 Settings come from the environment and a .env file in the working directory:
 every setting, its default and its range is in README.md ("Configuration") and
@@ -542,7 +544,8 @@ def main() -> int:
     if sys.argv[1:] in (["--help"], ["-h"], ["help"]):
         print(USAGE, end="")
         return 0
-    if sys.argv[1:] not in ([], ["migrate"]):
+    migrate_args = parse_migrate_args(sys.argv[2:]) if sys.argv[1:2] == ["migrate"] else None
+    if sys.argv[1:] and migrate_args is None:
         print(USAGE, end="", file=sys.stderr)
         return 2
     try:
@@ -555,8 +558,8 @@ def main() -> int:
         for line, key, closest in config_module.dotenv_warnings(Path(".env")):
             fields = {"file": ".env", "line": line, "key": key, "did_you_mean": closest or None}
             log.warning("config.unknown_setting", extra={"fields": fields})
-        if sys.argv[1:] == ["migrate"]:  # apply sql/ to DATABASE_URL and exit
-            return migrate_command(config)
+        if migrate_args is not None:  # migrate DATABASE_URL up, down or show its status, and exit
+            return migrate_command(config, migrate_args)
         for signum in SHUTDOWN_SIGNALS:  # until the event loop takes over (`run`)
             signal.signal(signum, lambda received, _frame: EARLY_SIGNALS.append(received))
         hypercorn_fixes.install(
