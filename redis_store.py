@@ -457,9 +457,18 @@ class RedisStore(SessionStore):
         async def run(code: str) -> None:
             results[code] = await self._run(name, code)
 
-        async with trio.open_nursery() as nursery:
-            for code in codes:
-                nursery.start_soon(run, code)
+        try:
+            async with trio.open_nursery() as nursery:
+                for code in codes:
+                    nursery.start_soon(run, code)
+        except BaseExceptionGroup as group:  # the callers handle one store error, as from any call
+            failure = group.subgroup(lambda exc: isinstance(exc, ServerError | ClientError))
+            if failure is None or not isinstance(group, ExceptionGroup):
+                raise
+            first: BaseException = failure
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            raise first from None
         return results
 
     # -- the admin API and e-mail invites --

@@ -31,7 +31,9 @@ from helpers import (
     assert_no_trace,
     call,
     connect,
+    eventually,
     http,
+    http_request,
     log_lines,
     paired,
     resume,
@@ -391,3 +393,29 @@ async def test_a_page_examines_at_most_the_budget_whatever_the_store_holds(
         assert sorted(seen) == [f"{n:08d}" for n in range(count)]
         info = await store.inspect("00000007", now)
         assert info is not None and info.state == session_store.STATES[0] and info.members[0].client_id
+
+
+async def test_while_redis_is_down_every_admin_call_is_a_json_503(
+    private_redis: RedisFactory, tandem_factory: ServerFactory
+) -> None:
+    redis_server = private_redis(appendonly=True)  # the session outlives the restart
+    server = tandem_factory(REDIS_URL=redis_server.url(), ADMIN_TOKEN=ADMIN_TOKEN)
+    async with connect(server) as a:
+        code = (await a.create())["code"]
+        redis_server.stop()
+        for method, path in (
+            ("GET", "/api/debug/sessions"),
+            ("GET", f"/api/debug/sessions/{code}"),
+            ("DELETE", f"/api/debug/sessions/{code}"),
+        ):
+            started = time.monotonic()
+            status, headers, body = await admin(server, method, path)
+            assert_error(status, body, 503, "unavailable")
+            assert int(headers["retry-after"]) >= 1 and time.monotonic() - started < 6
+        redis_server.start()
+        status, _, body = await eventually(
+            lambda: http_request("GET", f"{server.http}/api/debug/sessions/{code}", headers=AUTH),
+            until=lambda answer: answer[0] == 200,
+            within=10,
+        )
+        assert orjson.loads(body)["code"] == code
