@@ -5,8 +5,10 @@ sessions of the other.
 Listing is checked page by page (filters, cursors from either instance, bad
 parameters), inspecting field by field, ending through every member's socket; the
 token is checked for being required, compared, counted against `/api/*`'s limit and
-never logged. A page's cost is checked in-process: at most LIST_BUDGET sessions
-examined, whatever the store holds, and on Redis nothing but ZSCAN and scripts.
+never logged. A page's cost is checked in-process (at most LIST_BUDGET sessions
+examined, whatever the store holds) and on Redis with `redis-cli monitor`
+(nothing but ZSCAN and scripts). Redis down gives JSON 503s; a Redis Cluster
+serves the same calls.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from helpers import (
     paired,
     resume,
 )
-from redis_servers import REDIS_CLI, RedisFactory, RedisServer
+from redis_servers import REDIS_CLI, RedisCluster3, RedisFactory, RedisServer
 
 import session_store
 from redis_store import RedisStore
@@ -419,3 +421,26 @@ async def test_while_redis_is_down_every_admin_call_is_a_json_503(
             within=10,
         )
         assert orjson.loads(body)["code"] == code
+
+
+async def test_on_a_redis_cluster_two_instances_list_inspect_and_end(
+    cluster: RedisCluster3, tandem_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """The index's buckets and the sessions live on three masters: each ZSCAN and script goes
+    to its node."""
+    group = [
+        tandem_factory(data_dir=tmp_path / f"d{n}", REDIS_URL=cluster.url, REDIS_CLUSTER="1", ADMIN_TOKEN=ADMIN_TOKEN)
+        for n in range(2)
+    ]
+    async with connect(group[0]) as w1, connect(group[1]) as w2, paired(group[1]) as (a, b, created, _):
+        waiting = [(await client.create())["code"] for client in (w1, w2)]
+        found, _ = await listing(group, "limit=1")
+        assert sorted(s["code"] for s in found) == sorted([*waiting, created["code"]])
+        found, _ = await listing(group, "state=paired")
+        assert [s["code"] for s in found] == [created["code"]]
+        status, _, _ = await admin(group[0], "DELETE", f"/api/debug/sessions/{created['code']}")
+        assert status == 204
+        for client in (a, b):
+            assert (await client.expect("session:expired"))["reason"] == "ended"
+        found, _ = await listing(group, "")
+        assert sorted(s["code"] for s in found) == sorted(waiting)
