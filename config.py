@@ -409,12 +409,15 @@ class Config:
         10.0, seconds(0.5, 120), "time one invitation may take to send (connect, TLS, login, delivery); then HTTP 503"
     )
     email_from: str | None = setting(
-        None, EMAIL_FROM, "the sender of invitations, `invites@example.com` or `Tandem <invites@example.com>`"
+        None,
+        EMAIL_FROM,
+        "the sender of invitations, `invites@example.com` or `Tandem <invites@example.com>`; required with `SMTP_URL`",
     )
     public_url: str | None = setting(
         None,
         PUBLIC_URL,
-        "where people open the page, such as `https://pair.example.com`: invitations link to `PUBLIC_URL/#CODE`",
+        "where people open the page, such as `https://pair.example.com`: invitations link to `PUBLIC_URL/#CODE`; "
+        "required with `SMTP_URL`",
     )
     log_level: str = setting(
         "INFO", choice("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"), "least severe records logged", section="logs"

@@ -315,8 +315,11 @@ async def test_every_send_counts_against_the_address_limit_of_the_api(
         created = await a.create()
         assert (await invite(group[0], created, "kim@example.com"))[0] == 202
         assert_error(await invite(group[-1], created, "not an address"), 400, "bad_request")
-        status, _, _ = await http("GET", group[-1].http + "/api/info")
+        status, _, raw = await http("GET", group[-1].http + "/api/info")
         assert status == 200
+        limits = orjson.loads(raw)["rate_limits"]
+        assert limits["email_session"] == {"limit": 5, "window": 86400.0}
+        assert limits["email_recipient"] == {"limit": 3, "window": 86400.0}
         answer = await invite(group[0], created, "lee@example.com")
         assert_error(answer, 429, "rate_limited")
         assert "api_ip" in answer[2]["error"]["message"] and int(answer[1]["retry-after"]) >= 1
