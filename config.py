@@ -6,6 +6,7 @@ the environment and `.env` with them, and README's table and .env.example are pr
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
@@ -175,6 +176,33 @@ def _secret(raw: str) -> str:
     return _refuse(raw) if len(raw) < 16 else raw
 
 
+def _http_url(raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in raw):
+        raise ValueError(raw)
+    parts.port  # noqa: B018  # raises ValueError on a bad port
+    return raw
+
+
+def _project_url(raw: str) -> str:
+    parts = urlsplit(_http_url(raw))
+    if parts.path.strip("/") or parts.query or parts.fragment:
+        raise ValueError(raw)
+    return raw.rstrip("/")
+
+
+def _jwt_secret(raw: str) -> str:
+    return _refuse(raw) if len(raw) < 32 else raw
+
+
+def _words(raw: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+def _motd(raw: str) -> str:
+    return _refuse(raw) if len(raw) > 1000 or not raw.isprintable() else raw
+
+
 def _smtp_url(raw: str) -> str:
     mailer.smtp_endpoint(raw)  # raises ValueError
     return raw
@@ -219,6 +247,18 @@ POSTGRES_URL = Kind(
     _database_url, "url", "a postgresql:// URL such as postgresql://user@host:5432/tandem", mask=_mask_password
 )
 SECRET = Kind(_secret, "secret", "a secret of at least 16 characters", "at least 16 characters")
+HTTP_URL = Kind(_http_url, "url", "an http:// or https:// URL", mask=_mask_password)
+PROJECT_URL = Kind(_project_url, "url", "a project URL such as https://abcdefgh.supabase.co (no path)")
+JWT_SECRET = Kind(
+    _jwt_secret,
+    "secret",
+    "a secret of at least 32 characters",
+    "at least 32 characters",
+    mask=lambda raw: f"<{len(raw)} characters>",
+)
+ISSUER = Kind(_host, "text", "text without spaces, such as https://issuer.example.com")
+WORDS = Kind(_words, "list", "a comma-separated list", "comma-separated")
+MOTD = Kind(_motd, "text", "printable text of at most 1000 characters", "at most 1000 characters")
 LISTEN_ADDRESS = Kind(_address, "address", "HOST:PORT such as 127.0.0.1:9464", "`HOST:PORT`")
 SMTP_URL = Kind(_smtp_url, "url", "smtp://[user:password@]host[:port] or smtps://…", mask=_mask_password)
 EMAIL_FROM = Kind(_email_from, "address", "an address such as invites@example.com or Tandem <invites@example.com>")
@@ -251,6 +291,36 @@ class Config:
     trusted_proxies: tuple[str, ...] = setting(
         (), NETWORKS, "addresses or CIDRs of proxies whose `X-Forwarded-For` names the client, e.g. the load balancer"
     )
+    auth_jwt_secret: str = setting(
+        "",
+        JWT_SECRET,
+        "shared secret of HS256 tokens (a Supabase project's legacy JWT secret); set, authentication is on",
+        section="authentication (protocol 1.1): on when AUTH_JWT_SECRET, AUTH_JWKS_URL or SUPABASE_URL is set",
+        secret=True,
+    )
+    auth_jwks_url: str | None = setting(
+        None,
+        HTTP_URL,
+        "URL of the JSON Web Key Set that verifies RS256, ES256 and EdDSA tokens, fetched and cached; "
+        "set, authentication is on",
+    )
+    supabase_url: str | None = setting(
+        None,
+        PROJECT_URL,
+        "a Supabase project's URL: its JWKS (`/auth/v1/.well-known/jwks.json`), issuer (`/auth/v1`) and "
+        "audience `authenticated`; set, authentication is on",
+    )
+    auth_audience: tuple[str, ...] = setting(
+        (),
+        WORDS,
+        "accepted `aud` values (a token's must include one); empty: not checked (Supabase: `authenticated`)",
+    )
+    auth_issuer: str = setting("", ISSUER, "the required `iss`; empty: not checked (Supabase: the project's)")
+    auth_leeway: float = setting(30.0, seconds(0, 300), "clock skew allowed on `exp` and `nbf`")
+    auth_timeout: float = setting(
+        10.0, seconds(0.1, 600), "time a new WebSocket has to authenticate before it is closed with 1008"
+    )
+    motd: str = setting("", MOTD, "a message of the day, sent in `welcome`; empty: none")
     max_message_bytes: int = setting(
         protocol.DEFAULT_MAX_MESSAGE_BYTES,
         integer(256, 16 * 2**20, "bytes"),
@@ -495,6 +565,11 @@ class Config:
     shutdown_grace: float = setting(10.0, seconds(0.5, 600), "time from SIGTERM/SIGINT to exit")
 
     @property
+    def auth_enabled(self) -> bool:
+        """Authentication is on exactly when a key source is set (PROTOCOL.md, Authentication)."""
+        return bool(self.auth_jwt_secret or self.auth_jwks_url or self.supabase_url)
+
+    @property
     def read_timeout(self) -> float:
         """Drop a peer that sent nothing, not even a pong, for this long."""
         return self.ping_interval * 1.5 + 1.0
@@ -556,6 +631,24 @@ def read_dotenv(path: Path) -> dict[str, str]:
     return values
 
 
+def dotenv_warnings(path: Path) -> list[tuple[int, str, str]]:
+    """(line, key, closest setting) for each key of a .env file that looks meant
+    for Tandem but is not a setting: a misspelt name (`PROT`) or `TANDEM_…`.
+    Other keys (a .env shared with other tools) are left alone."""
+    if not path.is_file():
+        return []
+    names = [s.name for s in SETTINGS]
+    found = []
+    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        key = raw.strip().removeprefix("export ").partition("=")[0].strip()
+        if not key or key.startswith("#") or key in names:
+            continue
+        close = difflib.get_close_matches(key.upper().removeprefix("TANDEM_"), names, n=1, cutoff=0.75)
+        if close or key.upper().startswith("TANDEM"):
+            found.append((number, key, close[0] if close else ""))
+    return found
+
+
 def load(env: Mapping[str, str] | None = None, dotenv: Path | None = Path(".env")) -> Config:
     """Build the Config from `env` (default: os.environ) over a .env file."""
     merged: dict[str, str] = read_dotenv(dotenv) if dotenv is not None else {}
@@ -571,6 +664,7 @@ def load(env: Mapping[str, str] | None = None, dotenv: Path | None = Path(".env"
             f"{config.pre_drain_delay:g}",
             f"seconds from 0 to half of SHUTDOWN_GRACE ({config.shutdown_grace / 2:g})",
         )
+    _check_auth(config)
     _check_email(config)
     if config.send_queue_bytes < config.max_message_bytes * 2:
         raise ConfigError(
@@ -579,6 +673,24 @@ def load(env: Mapping[str, str] | None = None, dotenv: Path | None = Path(".env"
             f"at least twice MAX_MESSAGE_BYTES ({config.max_message_bytes * 2})",
         )
     return config
+
+
+AUTH_KEY_SOURCES = "AUTH_JWT_SECRET, AUTH_JWKS_URL or SUPABASE_URL"
+
+
+def _check_auth(config: Config) -> None:
+    """Authentication settings that contradict each other, or that would do nothing."""
+    if config.auth_jwks_url is not None and config.supabase_url is not None:
+        raise ConfigError(
+            "AUTH_JWKS_URL", _mask_password(config.auth_jwks_url), "empty when SUPABASE_URL is set (it names the JWKS)"
+        )
+    if config.auth_enabled:
+        return
+    for name in ("AUTH_AUDIENCE", "AUTH_ISSUER", "AUTH_LEEWAY", "AUTH_TIMEOUT"):
+        value = getattr(config, name.lower())
+        if value != getattr(DEFAULTS, name.lower()):  # set by an operator who expects authentication: it is off
+            shown = _show(value)
+            raise ConfigError(name, shown, f"{AUTH_KEY_SOURCES} to be set as well (without one authentication is off)")
 
 
 def _check_email(config: Config) -> None:

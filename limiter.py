@@ -158,6 +158,10 @@ class Pseudonyms:
     def code(self, code: str) -> str:
         return self._hash(b"code:", code)
 
+    def user(self, sub: str) -> str:
+        """An authenticated user (a token's `sub`) as a limiter key."""
+        return self._hash(b"user:", sub)
+
     def recipient(self, address: str) -> str:
         """An e-mail address as limiter key: in lower case and without a `+tag`, so that
         `Bob+1@x.org` and `bob+2@x.org` count as the one mailbox they usually are."""
@@ -419,7 +423,7 @@ class RedisLimiter:
             decision = await redis_client.call(self._call, rule, key, mode, stamp_ms)
         except ServerError as exc:  # an outage (redis_client.DOWN_ERRORS), mapped in one place
             self.fallbacks += 1
-            self.outage.failed(exc.message, fail_closed=self._fail_closed)
+            self.outage.failed(exc.message, fail_closed=self._fail_closed, redis=self._redis.display)
             if self._fail_closed:
                 return Decision(False, 0, 1.0, 1.0)
             match mode:

@@ -22,6 +22,7 @@ import trio
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
+import config
 from config import seed_urls
 from protocol import ErrorCode, ServerError
 
@@ -102,6 +103,11 @@ class Connector:
         self._client = client
         self._lock = threading.Lock()
         self._next_attempt = 0.0
+
+    @property
+    def display(self) -> str:
+        """REDIS_URL as logs may show it: the password masked."""
+        return config.REDIS_URL.mask(self._url)
 
     @classmethod
     def of(cls, client: Client) -> Connector:

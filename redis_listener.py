@@ -133,7 +133,7 @@ class Listener:
                 )
             except RECONNECT_ERRORS as exc:
                 self.stats.reconnects += 1
-                self._outage.failed(type(exc).__name__)
+                self._outage.failed(type(exc).__name__, redis=self.redis.display)
             except Exception:
                 self.stats.restarts += 1
                 log.exception("redis.listener_crashed")

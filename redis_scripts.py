@@ -72,18 +72,20 @@ end
 
 # KEYS: session hash, history list, channel, mids (redis_scripts.session_keys).
 # ARGV per script below.
-# ARGV: client_id, token_hash, conn_id, idle_ms, ttl_ms, grace
+# A member's authenticated `sub` is the field 'u:<client_id>' (none with authentication off).
+# ARGV: client_id, token_hash, conn_id, idle_ms, ttl_ms, grace, user ('' for none)
 _CREATE = """
 local now = now_ms()
 if redis.call('EXISTS', KEYS[1]) == 1 then return {0} end
 local idle_at, ttl_at = now + tonumber(ARGV[4]), now + tonumber(ARGV[5])
 redis.call('HSET', KEYS[1], 'created', int(now), 'idle_at', int(idle_at), 'ttl_at', int(ttl_at),
   'seq', 0, 'trim', 0, 'r', ARGV[1], 'm:' .. ARGV[1], ARGV[2], 'o:' .. ARGV[1], ARGV[3])
+if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'u:' .. ARGV[1], ARGV[7]) end
 refresh(KEYS[1], KEYS[2], idle_at, ttl_at, tonumber(ARGV[6]))
 return {1, math.min(idle_at, ttl_at)}
 """
 
-# ARGV: client_id, token_hash, conn_id, idle_ms, grace
+# ARGV: client_id, token_hash, conn_id, idle_ms, grace, user ('' for none)
 _JOIN = """
 local now = now_ms()
 local v = alive(KEYS[1], now)
@@ -94,6 +96,7 @@ ids[#ids + 1] = ARGV[1]
 local idle_at = now + tonumber(ARGV[4])
 redis.call('HSET', KEYS[1], 'r', table.concat(ids, ','), 'm:' .. ARGV[1], ARGV[2], 'o:' .. ARGV[1], ARGV[3],
   'idle_at', int(idle_at))
+if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'u:' .. ARGV[1], ARGV[6]) end
 refresh(KEYS[1], KEYS[2], idle_at, tonumber(v[2]), tonumber(ARGV[5]))
 local members = clients(KEYS[1], ids)
 if #ids == 2 then emit('a', members) end
@@ -102,7 +105,7 @@ for _, entry in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do out[#out + 1] = 
 return out
 """
 
-# ARGV: client_id, token_hash, conn_id, idle_ms, grace, last_seq
+# ARGV: client_id, token_hash, conn_id, idle_ms, grace, last_seq, user ('' for none: not checked)
 _RESUME = """
 local now = now_ms()
 local v = alive(KEYS[1], now)
@@ -110,6 +113,7 @@ if not v then return {-1} end
 local cid = ARGV[1]
 local token = redis.call('HGET', KEYS[1], 'm:' .. cid)
 if not token or token ~= ARGV[2] then return {-4} end
+if ARGV[7] ~= '' and redis.call('HGET', KEYS[1], 'u:' .. cid) ~= ARGV[7] then return {-4} end
 local previous = redis.call('HGET', KEYS[1], 'o:' .. cid)
 local idle_at = now + tonumber(ARGV[4])
 redis.call('HSET', KEYS[1], 'o:' .. cid, ARGV[3], 'idle_at', int(idle_at))
@@ -190,7 +194,7 @@ if #rest == 0 then
 end
 drop_limits(KEYS[1], cid)
 redis.call('HSET', KEYS[1], 'r', table.concat(rest, ','))
-redis.call('HDEL', KEYS[1], 'm:' .. cid, 'o:' .. cid)
+redis.call('HDEL', KEYS[1], 'm:' .. cid, 'o:' .. cid, 'u:' .. cid)
 emit('l', cid)
 return 0
 """

@@ -106,6 +106,7 @@ class RedisStore(SessionStore):
         ack_timeout: float = 1.0,
     ) -> None:
         self.redis = connector
+        self.location = connector.display
         self.cluster = connector.cluster
         self._dispatch = dispatch
         self._history = history_size
@@ -275,6 +276,7 @@ class RedisStore(SessionStore):
         token_hash: bytes,
         conn_id: str,
         now: int,
+        user: str | None = None,
     ) -> Created:
         for _ in range(CODE_ATTEMPTS):
             code = new_code()
@@ -288,6 +290,7 @@ class RedisStore(SessionStore):
                 self._idle_ms,
                 self._ttl_ms,
                 KEY_GRACE_MS,
+                user or "",
             )
             if result[0] == 1:
                 await self._online(code, client_id, conn_id)
@@ -295,7 +298,9 @@ class RedisStore(SessionStore):
         raise ServerError("could not draw a free session code", ErrorCode.INTERNAL)
 
     @timed("join")
-    async def join(self, code: str, client_id: str, token_hash: bytes, conn_id: str, now: int) -> Joined:
+    async def join(
+        self, code: str, client_id: str, token_hash: bytes, conn_id: str, now: int, user: str | None = None
+    ) -> Joined:
         result = await self._run(
             "join",
             code,
@@ -304,6 +309,7 @@ class RedisStore(SessionStore):
             conn_id,
             self._idle_ms,
             KEY_GRACE_MS,
+            user or "",
         )
         status = result[0]
         if status == -1:
@@ -326,6 +332,7 @@ class RedisStore(SessionStore):
         conn_id: str,
         last_seq: int,
         now: int,
+        user: str | None = None,
     ) -> Resumed:
         result = await self._run(
             "resume",
@@ -336,9 +343,10 @@ class RedisStore(SessionStore):
             self._idle_ms,
             KEY_GRACE_MS,
             last_seq,
+            user or "",
         )
         status = result[0]
-        if status in (-1, -4):  # no such session, wrong credentials: one answer
+        if status in (-1, -4):  # no such session, wrong credentials (or user): one answer
             raise no_such_member()
         replay = tuple(m for m in map(stored_message, result[3:]) if m.sender != client_id)
         await self._online(code, client_id, conn_id)

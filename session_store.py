@@ -265,24 +265,43 @@ class SessionStore(ABC):
     """
 
     backend: str  # "sqlite" or "redis": a metrics label
+    location: str = ""  # where the sessions are, as a log may show it (no password)
     limiter: Limiter  # rate limits kept where the sessions are
     observer: StoreObserver = _Unobserved()
 
+    # `user`: the member's authenticated `sub` (None with authentication off),
+    # recorded by create and join; a resume with a user requires that one.
+
     @abstractmethod
     async def create(
-        self, new_code: Callable[[], str], client_id: str, token_hash: bytes, conn_id: str, now: int
+        self,
+        new_code: Callable[[], str],
+        client_id: str,
+        token_hash: bytes,
+        conn_id: str,
+        now: int,
+        user: str | None = None,
     ) -> Created:
         """A new session with its creator as first member, online on `conn_id`."""
 
     @abstractmethod
-    async def join(self, code: str, client_id: str, token_hash: bytes, conn_id: str, now: int) -> Joined:
+    async def join(
+        self, code: str, client_id: str, token_hash: bytes, conn_id: str, now: int, user: str | None = None
+    ) -> Joined:
         """Add a member; `not_found` or `session_full`."""
 
     @abstractmethod
     async def resume(
-        self, code: str, client_id: str, token_hash: bytes, conn_id: str, last_seq: int, now: int
+        self,
+        code: str,
+        client_id: str,
+        token_hash: bytes,
+        conn_id: str,
+        last_seq: int,
+        now: int,
+        user: str | None = None,
     ) -> Resumed:
-        """Put a member back online on `conn_id`; `no_such_member` for any mismatch."""
+        """Put a member back online on `conn_id`; `no_such_member` for any mismatch (the user's too)."""
 
     @abstractmethod
     async def append(

@@ -74,6 +74,7 @@ CREATE TABLE IF NOT EXISTS members (
     token_hash BLOB NOT NULL,
     position   INTEGER NOT NULL,     -- join order, for `clients`
     conn_id    TEXT,                 -- the connection holding it; NULL: offline
+    user       TEXT,                 -- its authenticated `sub`; NULL: authentication was off
     PRIMARY KEY (code, client_id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS messages (
@@ -108,6 +109,7 @@ class SqliteStore(SessionStore):
         ttl_ms: int,
     ) -> None:
         self._db = db
+        self.location = next((path for _, name, path in db.execute("PRAGMA database_list") if name == "main"), "")
         self._history = history_size
         self._idle_ms = idle_ms
         self._ttl_ms = ttl_ms
@@ -212,7 +214,13 @@ class SqliteStore(SessionStore):
 
     @timed("create")
     async def create(
-        self, new_code: Callable[[], str], client_id: str, token_hash: bytes, conn_id: str, now: int
+        self,
+        new_code: Callable[[], str],
+        client_id: str,
+        token_hash: bytes,
+        conn_id: str,
+        now: int,
+        user: str | None = None,
     ) -> Created:
         ttl_at = now + self._ttl_ms
         idle_at = now + self._idle_ms
@@ -227,8 +235,9 @@ class SqliteStore(SessionStore):
                 )
                 if cursor.rowcount == 1:
                     db.execute(
-                        "INSERT INTO members (code, client_id, token_hash, position, conn_id) VALUES (?, ?, ?, 0, ?)",
-                        (code, client_id, token_hash, conn_id),
+                        "INSERT INTO members (code, client_id, token_hash, position, conn_id, user)"
+                        " VALUES (?, ?, ?, 0, ?, ?)",
+                        (code, client_id, token_hash, conn_id, user),
                     )
                     return Created(code, min(ttl_at, idle_at))
             raise ServerError("could not draw a free session code", ErrorCode.INTERNAL)
@@ -236,7 +245,9 @@ class SqliteStore(SessionStore):
         return await self._call(run)
 
     @timed("join")
-    async def join(self, code: str, client_id: str, token_hash: bytes, conn_id: str, now: int) -> Joined:
+    async def join(
+        self, code: str, client_id: str, token_hash: bytes, conn_id: str, now: int, user: str | None = None
+    ) -> Joined:
         def run(db: sqlite3.Connection, events: list[Event]) -> Joined:
             last_seq, _, _ = self._alive(db, code, now)
             members = self._members(db, code)
@@ -246,8 +257,8 @@ class SqliteStore(SessionStore):
                 "SELECT coalesce(max(position), -1) + 1 FROM members WHERE code = ?", (code,)
             ).fetchone()[0]
             db.execute(
-                "INSERT INTO members (code, client_id, token_hash, position, conn_id) VALUES (?, ?, ?, ?, ?)",
-                (code, client_id, token_hash, position, conn_id),
+                "INSERT INTO members (code, client_id, token_hash, position, conn_id, user) VALUES (?, ?, ?, ?, ?, ?)",
+                (code, client_id, token_hash, position, conn_id, user),
             )
             self._touch(db, code, now)
             clients = (*members, Member(client_id, True))
@@ -259,7 +270,14 @@ class SqliteStore(SessionStore):
 
     @timed("resume")
     async def resume(
-        self, code: str, client_id: str, token_hash: bytes, conn_id: str, last_seq: int, now: int
+        self,
+        code: str,
+        client_id: str,
+        token_hash: bytes,
+        conn_id: str,
+        last_seq: int,
+        now: int,
+        user: str | None = None,
     ) -> Resumed:
         def run(db: sqlite3.Connection, events: list[Event]) -> Resumed:
             try:
@@ -267,10 +285,12 @@ class SqliteStore(SessionStore):
             except ClientError:
                 raise no_such_member() from None
             row = db.execute(
-                "SELECT token_hash, conn_id FROM members WHERE code = ? AND client_id = ?",
+                "SELECT token_hash, conn_id, user FROM members WHERE code = ? AND client_id = ?",
                 (code, client_id),
             ).fetchone()
             if row is None or not hmac.compare_digest(bytes(row[0]), token_hash):
+                raise no_such_member()
+            if user is not None and row[2] != user:  # another user holds this member's token
                 raise no_such_member()
             previous = row[1]
             db.execute(
@@ -539,6 +559,8 @@ def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
     columns = {row[1] for row in db.execute("PRAGMA table_info(messages)")}
     if "mid" not in columns:  # a file from before `mid`: its messages have none
         db.execute("ALTER TABLE messages ADD COLUMN mid TEXT")
+    if "user" not in {row[1] for row in db.execute("PRAGMA table_info(members)")}:  # from before authentication
+        db.execute("ALTER TABLE members ADD COLUMN user TEXT")
     db.executescript(MID_INDEX)
     # This process owns the file (see _exclusive_lock): no connection of an
     # earlier process survives it, so every member starts offline.

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Install everything the tests need, then run them all (README, .ci/run).
 # Needs redis-server, PostgreSQL and Node.js 20.10+ on the machine (see README);
-# installs Debian's docker-compose (compose-file validation) and chromium and
-# chromium-driver (the page's browser tests) when missing and root.
+# installs Debian's docker-compose (compose-file validation), chromium and
+# chromium-driver (the page's browser tests) and prometheus (only its promtool
+# is used: it checks deploy/prometheus) when missing and root.
 set -euo pipefail
 cd "$(dirname "$0")"
 if ! command -v docker-compose >/dev/null && ! docker compose version >/dev/null 2>&1; then
@@ -17,6 +18,13 @@ if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
     else
         echo "test.sh: chromium is missing; install it (Debian: apt-get install chromium chromium-driver)" >&2
+    fi
+fi
+if ! command -v promtool >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    else
+        echo "test.sh: promtool is missing; install it (Debian: apt-get install prometheus)" >&2
     fi
 fi
 python3 -m venv .venv

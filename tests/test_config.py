@@ -29,6 +29,8 @@ ROOMY = {
     "SEND_QUEUE_BYTES": {"MAX_MESSAGE_BYTES": "256"},
     "PRE_DRAIN_DELAY": {"SHUTDOWN_GRACE": "600"},
     "SHUTDOWN_GRACE": {"PRE_DRAIN_DELAY": "0"},
+    "AUTH_LEEWAY": {"AUTH_JWT_SECRET": "k" * 32},  # only with authentication on
+    "AUTH_TIMEOUT": {"AUTH_JWT_SECRET": "k" * 32},
 }
 # A refused value of every setting that is not numeric, flag, choice or rate (those are derived from their kind).
 BAD_TEXT = {
@@ -41,12 +43,17 @@ BAD_TEXT = {
     "HASH_KEY": "too short",
     "METRICS_TOKEN": "too short",
     "METRICS_ADDRESS": "9464",
+    "AUTH_JWT_SECRET": "shorter than 32 characters",
+    "AUTH_JWKS_URL": "ftp://keys.example.com/jwks.json",
+    "SUPABASE_URL": "https://abcdefgh.supabase.co/auth/v1",
+    "AUTH_ISSUER": "https://issuer example",
+    "MOTD": "a bell \a",
     "ADMIN_TOKEN": "too short",
     "SMTP_URL": "smtp://user:hunter2@mail.example.com:99999",
     "EMAIL_FROM": "Tandem <invites@example.com>, other@example.com",
     "PUBLIC_URL": "https://pair.example.com/#code",
 }
-ACCEPTS_ANYTHING = {"DATA_DIR"}  # any text is a path
+ACCEPTS_ANYTHING = {"DATA_DIR", "AUTH_AUDIENCE"}  # any text is a path; any list of audiences
 
 
 def refuse(env: dict[str, str], name: str) -> ConfigError:

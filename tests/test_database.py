@@ -202,8 +202,8 @@ def test_migrate_command_exit_codes(pg_url: str, tmp_path: Path) -> None:
     # The server with MIGRATE_ON_START=1 does not start without its schema.
     listen = {"HOST": "127.0.0.1", "PORT": str(free_port()), "DATA_DIR": str(tmp_path / "data")}
     result = run_cli(cwd=tmp_path, DATABASE_URL=dead, MIGRATE_ON_START="1", **listen)
-    assert result.returncode == 1, result
-    assert "cannot connect to PostgreSQL" in result.stdout + result.stderr, result
+    assert result.returncode == 2, result
+    assert f"tandem: DATABASE_URL={dead}: cannot connect to PostgreSQL" in result.stderr, result
     assert run_cli("migrate", "now", cwd=tmp_path).returncode == 2
 
     result = run_cli("migrate", cwd=tmp_path, DATABASE_URL=pg_url)

@@ -124,6 +124,8 @@ def test_unit() -> None:
         ("server_basics.test.mjs", {"HISTORY_SIZE": "5"}),
         ("server_restart.test.mjs", {"SHUTDOWN_GRACE": "3"}),
         ("server_limits.test.mjs", {"RATE_LIMIT_ENABLED": "1", "RATE_LIMIT_MESSAGES_USER": "3/2"}),
+        # SECRET of server_auth.test.mjs; no leeway, so that its 4 s token must be refreshed in time.
+        ("server_auth.test.mjs", {"AUTH_JWT_SECRET": "tandem-js-test-secret-of-32-chars!", "AUTH_LEEWAY": "0"}),
     ],
 )
 def test_against_a_real_server(tandem_factory: ServerFactory, script: str, settings: dict[str, str]) -> None:
