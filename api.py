@@ -24,6 +24,7 @@ from config import Config
 from limiter import Decision, Limiter, Limits, Pseudonyms, Rule, client_ip
 from metrics import Metrics
 from protocol import ErrorCode
+from relay import Services
 from session_store import SessionStore
 
 log = logging.getLogger("tandem.api")
@@ -54,6 +55,9 @@ class App(Protocol):
 
     @property
     def report(self) -> lifecycle.Report: ...
+
+    @property
+    def services(self) -> Services: ...  # its `auth`: None while authentication is off
 
 
 class ApiError(Exception):

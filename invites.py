@@ -20,12 +20,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+import auth
 import mailer
 from api import Api, ApiError, App, bad_request, json_object, session_code, too_many
 from limiter import IPV6_SITE, Rule
 from logging_setup import Outage
 from mailer import MailUnavailable, RecipientRefused, SmtpEndpoint
-from protocol import ClientError, ErrorCode
+from protocol import AuthError, ClientError, ErrorCode
 from relay import now_ms, token_hash
 
 log = logging.getLogger("tandem.email")
@@ -37,6 +38,8 @@ MAX_CLIENT_ID, MAX_TOKEN = 64, 128  # as in `session:resume` (PROTOCOL.md)
 MAX_SENDING = 4
 # What a 503 tells the client to wait while the mail server is unreachable.
 RETRY_AFTER_S = 10
+# Asks for a JWT (RFC 6750) on a 401 with authentication on.
+CHALLENGE = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
 
 
 def routes(app: App) -> list[BaseRoute]:
@@ -122,8 +125,8 @@ class Invites:
             raise bad_request(f"`token` must be a string of 1 to {MAX_TOKEN} characters")
         if not isinstance(to, str) or not _plain(to):
             raise bad_request("`to` must be one plain e-mail address, such as bob@example.com")
-        # With authentication on (JWT, issue 14), the member's `sub` is checked here too.
-        await self._prove(request, code, client_id, token)
+        user = await self._user(request)
+        await self._prove(request, code, client_id, token, user)
         counted = await self._count(code, to)
         try:
             await self.mailer.send(to, code)
@@ -142,10 +145,23 @@ class Invites:
         log.info("email.sent", extra={"fields": {"session": code, "to": mailer.masked(to)}})
         return JSONResponse({"status": "sent"}, 202)
 
-    async def _prove(self, request: Request, code: str, client_id: str, token: str) -> None:
-        """The request comes from a member of live session `code`: else 404 (no such session)
-        or 401. Counted against RATE_LIMIT_JOIN_FAILURES_IP first, refunded on success (or on
-        the server's fault), as a resume is: a code guesser gains nothing here."""
+    async def _user(self, request: Request) -> str | None:
+        """With authentication on, the `sub` of the request's `Authorization: Bearer <JWT>`
+        (401 naming the failed check, never the token; 503 while its key cannot be fetched)."""
+        authenticator = self.app.services.auth
+        if authenticator is None:
+            return None
+        try:
+            identity = await authenticator.verify(auth.bearer(request.headers.get("authorization", "")))
+        except AuthError as exc:
+            raise ApiError(401, ErrorCode.UNAUTHORIZED, exc.message, CHALLENGE) from None
+        return identity.user
+
+    async def _prove(self, request: Request, code: str, client_id: str, token: str, user: str | None) -> None:
+        """The request comes from a member of live session `code` (held by `user`, with
+        authentication on): else 404 (no such session) or 401. Counted against
+        RATE_LIMIT_JOIN_FAILURES_IP first, refunded on success (or on the server's fault), as
+        a resume is: a code guesser gains nothing here."""
         rule = self.app.limits.join_failures_ip
         site = self.app.keys.address(self.api.client_ip(request), IPV6_SITE)
         stamp = None
@@ -156,7 +172,7 @@ class Invites:
             stamp = decision.stamp
         refund = True
         try:
-            await self.app.store.verify_member(code, client_id, token_hash(token), now_ms())
+            await self.app.store.verify_member(code, client_id, token_hash(token), now_ms(), user)
         except ClientError as exc:
             refund = False
             status = 404 if exc.code == ErrorCode.NOT_FOUND else 401

@@ -523,8 +523,10 @@ class RedisStore(SessionStore):
         return True
 
     @timed("verify_member")
-    async def verify_member(self, code: str, client_id: str, token_hash: bytes, now: int) -> None:
-        status = await self._run("member", code, client_id, token_hash.hex())
+    async def verify_member(
+        self, code: str, client_id: str, token_hash: bytes, now: int, user: str | None = None
+    ) -> None:
+        status = await self._run("member", code, client_id, token_hash.hex(), user or "")
         if status == -1:
             raise not_found()
         if status != 1:
@@ -607,9 +609,10 @@ def _session_info(code: str, reply: Any) -> SessionInfo | None:
     """The `info` script's reply as a SessionInfo; None when the session is gone."""
     if not reply:
         return None
-    created, expires, seq, clients = reply
-    held = tuple(MemberInfo(m.client_id, m.online) for m in members(clients)) if clients else ()
-    return SessionInfo(code, held, int(seq), int(created), int(expires))
+    created, expires, seq, clients, *users = reply
+    held = members(clients) if clients else ()
+    infos = tuple(MemberInfo(m.client_id, m.online, u.decode() or None) for m, u in zip(held, users, strict=True))
+    return SessionInfo(code, infos, int(seq), int(created), int(expires))
 
 
 def _due_codes(client: redis_client.Client, now: int) -> list[str]:

@@ -361,9 +361,12 @@ class SessionStore(ABC):
         instance, get `session:expired` "ended". False when there is no such session."""
         raise ServerError("this store cannot end sessions", ErrorCode.INTERNAL)
 
-    async def verify_member(self, code: str, client_id: str, token_hash: bytes, now: int) -> None:
+    async def verify_member(
+        self, code: str, client_id: str, token_hash: bytes, now: int, user: str | None = None
+    ) -> None:
         """Check a member's credentials without touching the session: `not_found` when the
-        session does not exist, `unauthorized` for a wrong client_id or token."""
+        session does not exist, `unauthorized` for a wrong client_id or token (or, given
+        `user`, a member another user holds)."""
         raise ServerError("this store cannot verify members", ErrorCode.INTERNAL)
 
     async def count_sessions(self, now: int) -> dict[str, int] | None:

@@ -457,12 +457,12 @@ class SqliteStore(SessionStore):
         members: dict[str, list[MemberInfo]] = {row[0]: [] for row in rows}
         if members:
             found = db.execute(
-                "SELECT code, client_id, conn_id IS NOT NULL FROM members"
+                "SELECT code, client_id, conn_id IS NOT NULL, user FROM members"
                 f" WHERE code IN ({','.join('?' * len(members))}) ORDER BY code, position",
                 list(members),
             )
-            for code, client_id, online in found:
-                members[code].append(MemberInfo(client_id, bool(online)))
+            for code, client_id, online, user in found:
+                members[code].append(MemberInfo(client_id, bool(online), user))
         return tuple(
             SessionInfo(code, tuple(members[code]), seq, created, expires) for code, created, expires, seq in rows
         )
@@ -522,10 +522,12 @@ class SqliteStore(SessionStore):
         return await self._call(run)
 
     @timed("verify_member")
-    async def verify_member(self, code: str, client_id: str, token_hash: bytes, now: int) -> None:
-        def run(db: sqlite3.Connection) -> tuple[bytes | None] | None:
-            row: tuple[bytes | None] | None = db.execute(
-                "SELECT members.token_hash FROM sessions LEFT JOIN members"
+    async def verify_member(
+        self, code: str, client_id: str, token_hash: bytes, now: int, user: str | None = None
+    ) -> None:
+        def run(db: sqlite3.Connection) -> tuple[bytes | None, str | None] | None:
+            row: tuple[bytes | None, str | None] | None = db.execute(
+                "SELECT members.token_hash, members.user FROM sessions LEFT JOIN members"
                 " ON members.code = sessions.code AND members.client_id = ?"
                 " WHERE sessions.code = ? AND idle_at > ? AND ttl_at > ?",
                 (client_id, code, now, now),
@@ -535,7 +537,10 @@ class SqliteStore(SessionStore):
         row = await self._read(run)
         if row is None:
             raise not_found()
-        if row[0] is None or not hmac.compare_digest(bytes(row[0]), token_hash):
+        stored, member_user = row
+        if stored is None or not hmac.compare_digest(bytes(stored), token_hash):
+            raise wrong_member()
+        if user is not None and member_user != user:  # another user holds this member's token
             raise wrong_member()
 
     # One process holds every connection of the file: its events are all local.

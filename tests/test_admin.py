@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jwt_keys
 import orjson
 import pytest
 import trio
@@ -52,6 +53,8 @@ AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 WRONG_TOKEN = "wrong-token-0123456789-abcdef"
 BODY = "message-body-that-no-answer-holds"
 Servers = Callable[..., list[Server]]
+# Authentication on, with the tests' HS256 secret, audience and issuer.
+AUTH_SETTINGS = {"AUTH_JWT_SECRET": jwt_keys.SECRET, "AUTH_AUDIENCE": jwt_keys.AUDIENCE, "AUTH_ISSUER": jwt_keys.ISSUER}
 
 
 @pytest.fixture
@@ -444,3 +447,23 @@ async def test_on_a_redis_cluster_two_instances_list_inspect_and_end(
             assert (await client.expect("session:expired"))["reason"] == "ended"
         found, _ = await listing(group, "")
         assert sorted(s["code"] for s in found) == sorted(waiting)
+
+
+@BOTH_STORES
+async def test_with_authentication_on_each_member_shows_its_user(servers: Servers) -> None:
+    group = servers(**AUTH_SETTINGS)
+    alice, bob = jwt_keys.claims("alice"), jwt_keys.claims("bob")
+    async with connect(group[0]) as a, connect(group[-1]) as b:
+        for client, payload in ((a, alice), (b, bob)):
+            reply = await client.request("auth", token=jwt_keys.token(jwt_keys.SECRET, payload))
+            assert reply["type"] == "auth:ok", reply
+        created = await a.create()
+        joined = await b.join(created["code"])
+        status, _, body = await admin(group[-1], "GET", f"/api/debug/sessions/{created['code']}")
+        assert status == 200, body
+        assert body["members"] == [
+            {"client_id": created["client_id"], "online": True, "user": "alice"},
+            {"client_id": joined["client_id"], "online": True, "user": "bob"},
+        ]
+        found, _ = await listing(group, "state=paired")
+        assert [s["members"] for s in found] == [body["members"]]

@@ -24,6 +24,7 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
+import jwt_keys
 import orjson
 import pytest
 import trio
@@ -454,3 +455,37 @@ async def test_a_message_the_mail_server_took_before_a_slow_goodbye_is_sent(
         assert answer[0] == 202 and time.monotonic() - started < 2.5, answer
         assert_error(await invite(server, created, "quinn@example.com"), 429, "rate_limited")
     await eventually(inbox.count, 1)
+
+
+@BOTH_STORES
+async def test_with_authentication_on_the_request_needs_the_members_own_jwt(
+    smtp: SmtpFactory, email_servers: Callable[..., list[Server]]
+) -> None:
+    inbox, port = smtp()
+    settings = {"AUTH_JWT_SECRET": jwt_keys.SECRET, "AUTH_AUDIENCE": jwt_keys.AUDIENCE, "AUTH_ISSUER": jwt_keys.ISSUER}
+    group = email_servers(**email_settings(port), **settings)
+    alice = jwt_keys.token(jwt_keys.SECRET, jwt_keys.claims("alice"))
+    async with connect(group[0]) as a:
+        assert (await a.request("auth", token=alice))["type"] == "auth:ok"
+        created = await a.create()
+        body = {"code": created["code"], "client_id": created["client_id"], "token": created["token"]}
+        url = group[-1].http + "/api/send-email"
+        for jwt_text, failed in (
+            (None, "the Authorization header"),
+            (jwt_keys.token(jwt_keys.SECRET, jwt_keys.claims("mallory")), "wrong client_id or token"),
+            (jwt_keys.token(jwt_keys.SECRET, jwt_keys.claims("alice", ttl=-60)), "token expired"),
+            (jwt_keys.token("another-secret-of-at-least-32-chars!", jwt_keys.claims("alice")), "bad signature"),
+        ):
+            headers = {} if jwt_text is None else {"Authorization": f"Bearer {jwt_text}"}
+            status, response_headers, raw = await http("POST", url, {**body, "to": "rita@example.com"}, headers)
+            error = orjson.loads(raw)["error"]
+            assert (status, error["code"]) == (401, "unauthorized"), (status, error)
+            assert error["message"].startswith(failed), error
+            if failed != "wrong client_id or token":  # a JWT that failed a check asks for another
+                assert response_headers["www-authenticate"].startswith("Bearer")
+        own = {"Authorization": f"Bearer {alice}"}
+        status, _, raw = await http("POST", url, {**body, "to": "rita@example.com"}, own)
+        assert status == 202, raw
+    assert inbox.count() == 1
+    for server in group:
+        assert alice not in server.output()
