@@ -39,16 +39,20 @@ import hypercorn.trio
 import redis
 import trio
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
+import admin
+import api
 import auth
 import config as config_module
 import health
 import hypercorn_fixes
+import invites
 import lifecycle
 import logging_setup
 import metrics
@@ -137,7 +141,7 @@ class Tandem:
 
 
 def limits_from_config(config: Config) -> Limits:
-    if not config.rate_limit_enabled:
+    if not config.rate_limit_enabled:  # not allowed with SMTP_URL (config.py): e-mail is always limited
         return Limits()
 
     def rule(name: str, setting: tuple[int, float] | None) -> Rule | None:
@@ -150,6 +154,8 @@ def limits_from_config(config: Config) -> Limits:
         join_failures_ip=rule("join_failures_ip", config.rate_limit_join_failures_ip),
         code_failures=rule("code_failures", config.rate_limit_code_failures),
         api_ip=rule("api_ip", config.rate_limit_api_ip),
+        email_session=rule("email_session", config.rate_limit_email_session),
+        email_recipient=rule("email_recipient", config.rate_limit_email_recipient),
     )
 
 
@@ -249,10 +255,13 @@ def create_app(tandem: Tandem) -> Starlette:
             WebSocketRoute("/ws", websocket_endpoint),
             *static_files.StaticFiles(STATIC_DIR).routes(),  # /, /tandem.js and the page's files
             Route("/api/info", api_info),
+            *admin.routes(tandem),  # /api/debug/*
+            *invites.routes(tandem),  # /api/send-email
             *tandem.health.routes(),  # /health/live, /health/ready, /metrics
         ],
         # Requests on the METRICS_ADDRESS listener reach /metrics and the probes only.
         middleware=[Middleware(health.MetricsListener, health=tandem.health)],
+        exception_handlers={HTTPException: api.http_error},  # JSON 404 and 405 under /api/
     )
 
 
