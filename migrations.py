@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import logging
 import random
 import re
@@ -43,6 +44,10 @@ NO_TRANSACTION_MARK = "-- tandem: no-transaction"
 MIGRATION_LOCK_KEY = 0x74616E64656D
 MIGRATION_STATEMENT_TIMEOUT_MS = 60 * 60 * 1000  # an index build on a big table takes a while
 MIGRATION_LOCK_TIMEOUT_MS = 30_000  # never queue behind the relay's traffic for longer
+# A transactional file (an ALTER TABLE) that waits for its lock makes every write to that table
+# queue behind it: it gives up after this long, and is tried again until the deadline.
+STEP_LOCK_TIMEOUT_MS = 200
+STEP_LOCK_DEADLINE_S = 120.0
 
 
 class MigrationError(RuntimeError):
@@ -334,15 +339,25 @@ def _run(
 ) -> None:
     """Run one file, then `record` it in schema_migrations (in the file's transaction, if it has one)."""
     if step.transactional:
-        try:
-            with work.transaction():
-                work.execute(step.text.encode())
-                work.execute(*record)
-        except psycopg.Error as exc:
-            if work.closed:
-                raise  # the connection, not the file: _locked says where
-            raise MigrationError(f"{step.label} failed (rolled back): {_one_line(exc)}") from exc
-        return
+        deadline = time.monotonic() + STEP_LOCK_DEADLINE_S
+        for attempt in itertools.count():
+            try:
+                with work.transaction():
+                    work.execute(f"SET LOCAL lock_timeout = {STEP_LOCK_TIMEOUT_MS}")
+                    work.execute(step.text.encode())
+                    work.execute(*record)
+                return
+            except psycopg.errors.LockNotAvailable as exc:
+                if time.monotonic() > deadline:
+                    raise MigrationError(
+                        f"{step.label} failed (rolled back): its tables stayed locked by other transactions "
+                        f"for {STEP_LOCK_DEADLINE_S:g} s ({_one_line(exc)}); run it again when they are done"
+                    ) from exc
+                time.sleep(min(2.0, 0.05 * 2**attempt) * random.uniform(0.5, 1.0))  # others' writes go first
+            except psycopg.Error as exc:
+                if work.closed:
+                    raise  # the connection, not the file: _locked says where
+                raise MigrationError(f"{step.label} failed (rolled back): {_one_line(exc)}") from exc
     # Non-transactional: one statement in autocommit, recorded after it ran. A run stopped between
     # the two is repeated by the next (IF NOT EXISTS, IF EXISTS).
     if step.index is not None:
