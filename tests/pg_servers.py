@@ -105,9 +105,13 @@ class PrivateCluster:
         self.log = self.dir / "server.log"
         self.port = free_port()
         self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
-        if owner is not None:
-            os.chown(self.dir, owner.pw_uid, owner.pw_gid)
-        self._run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8")
+        try:
+            if owner is not None:
+                os.chown(self.dir, owner.pw_uid, owner.pw_gid)
+            self._run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8")
+        except BaseException:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
 
     def _run(self, tool: str, *args: str) -> None:
         command = [str(self.bin / tool), *args]
