@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit
 
+import mailer
 import protocol
 
 T = TypeVar("T")
@@ -202,6 +203,23 @@ def _motd(raw: str) -> str:
     return _refuse(raw) if len(raw) > 1000 or not raw.isprintable() else raw
 
 
+def _smtp_url(raw: str) -> str:
+    mailer.smtp_endpoint(raw)  # raises ValueError
+    return raw
+
+
+def _email_from(raw: str) -> str:
+    mailer.sender(raw)  # raises ValueError
+    return raw
+
+
+def _public_url(raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ValueError(raw)
+    return _host(raw).rstrip("/")
+
+
 def _address(raw: str) -> str:
     host, sep, port = raw.rpartition(":")
     if not sep or not host or not 1 <= int(port) <= 65535 or any(c.isspace() for c in raw):
@@ -242,6 +260,11 @@ ISSUER = Kind(_host, "text", "text without spaces, such as https://issuer.exampl
 WORDS = Kind(_words, "list", "a comma-separated list", "comma-separated")
 MOTD = Kind(_motd, "text", "printable text of at most 1000 characters", "at most 1000 characters")
 LISTEN_ADDRESS = Kind(_address, "address", "HOST:PORT such as 127.0.0.1:9464", "`HOST:PORT`")
+SMTP_URL = Kind(_smtp_url, "url", "smtp://[user:password@]host[:port] or smtps://…", mask=_mask_password)
+EMAIL_FROM = Kind(_email_from, "address", "an address such as invites@example.com or Tandem <invites@example.com>")
+PUBLIC_URL = Kind(
+    _public_url, "url", "an http:// or https:// URL without query or fragment, such as https://pair.example.com"
+)
 
 
 # --- the table --------------------------------------------------------------------------------
@@ -403,7 +426,10 @@ class Config:
         True, FLAG, "`0`: archive message metadata only (seq, sender, size, time), never bodies"
     )
     rate_limit_enabled: bool = setting(
-        True, FLAG, "`0` turns every rate limit off", section="rate limits (COUNT/SECONDS, or off)"
+        True,
+        FLAG,
+        "`0` turns every rate limit off (refused with `SMTP_URL`)",
+        section="rate limits (COUNT/SECONDS, or off)",
     )
     rate_limit_messages_user: tuple[int, float] | None = setting((10, 60.0), RATE, "messages per member")
     rate_limit_messages_ip: tuple[int, float] | None = setting((20, 60.0), RATE, "messages per client address")
@@ -423,8 +449,45 @@ class Config:
         "refuses joins for the rest of the window, though members' own resumes still work",
     )
     rate_limit_api_ip: tuple[int, float] | None = setting((60, 60.0), RATE, "requests to `/api/*` per client address")
+    rate_limit_email_session: tuple[int, float] | None = setting(
+        (5, 86400.0), RATE, "e-mail invitations per session (`POST /api/send-email`); not `off` with `SMTP_URL`"
+    )
+    rate_limit_email_recipient: tuple[int, float] | None = setting(
+        (3, 86400.0),
+        RATE,
+        "e-mail invitations per recipient address (lower case, without a `+tag`), from any session; "
+        "not `off` with `SMTP_URL`",
+    )
     rate_limit_fail_closed: bool = setting(
         False, FLAG, "`1`: while Redis is down, refuse what a limit guards instead of limiting per process"
+    )
+    admin_token: str = setting(
+        "",
+        SECRET,
+        "`/api/debug/*` needs `Authorization: Bearer ADMIN_TOKEN`; empty: the admin API answers 404",
+        section='admin API and e-mail invites (README, "Admin API", "E-mail invites")',
+        secret=True,
+    )
+    smtp_url: str | None = setting(
+        None,
+        SMTP_URL,
+        "the mail server of `POST /api/send-email`: `smtp://[user:password@]host[:port]` (port 587, STARTTLS "
+        "when offered) or `smtps://…` (TLS from the start, port 465); empty: no e-mail invites (404)",
+        secret=True,
+    )
+    smtp_timeout: float = setting(
+        10.0, seconds(0.5, 120), "time one invitation may take to send (connect, TLS, login, delivery); then HTTP 503"
+    )
+    email_from: str | None = setting(
+        None,
+        EMAIL_FROM,
+        "the sender of invitations, `invites@example.com` or `Tandem <invites@example.com>`; required with `SMTP_URL`",
+    )
+    public_url: str | None = setting(
+        None,
+        PUBLIC_URL,
+        "where people open the page, such as `https://pair.example.com`: invitations link to `PUBLIC_URL/#CODE`; "
+        "required with `SMTP_URL`",
     )
     log_level: str = setting(
         "INFO", choice("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"), "least severe records logged", section="logs"
@@ -602,6 +665,7 @@ def load(env: Mapping[str, str] | None = None, dotenv: Path | None = Path(".env"
             f"seconds from 0 to half of SHUTDOWN_GRACE ({config.shutdown_grace / 2:g})",
         )
     _check_auth(config)
+    _check_email(config)
     if config.send_queue_bytes < config.max_message_bytes * 2:
         raise ConfigError(
             "SEND_QUEUE_BYTES",
@@ -627,6 +691,21 @@ def _check_auth(config: Config) -> None:
         if value != getattr(DEFAULTS, name.lower()):  # set by an operator who expects authentication: it is off
             shown = _show(value)
             raise ConfigError(name, shown, f"{AUTH_KEY_SOURCES} to be set as well (without one authentication is off)")
+
+
+def _check_email(config: Config) -> None:
+    """With SMTP_URL: a sender, a page to link to, and every limit of `/api/send-email` on,
+    so that Tandem can never be used to relay spam."""
+    if config.smtp_url is None:
+        return
+    for name in ("EMAIL_FROM", "PUBLIC_URL"):
+        if getattr(config, name.lower()) is None:
+            raise ConfigError(name, "", "a value when SMTP_URL is set")
+    if not config.rate_limit_enabled:
+        raise ConfigError("RATE_LIMIT_ENABLED", "0", "1 when SMTP_URL is set (the e-mail limits stop spam)")
+    for name in ("RATE_LIMIT_API_IP", "RATE_LIMIT_EMAIL_SESSION", "RATE_LIMIT_EMAIL_RECIPIENT"):
+        if getattr(config, name.lower()) is None:
+            raise ConfigError(name, "off", "COUNT/SECONDS when SMTP_URL is set (the e-mail limits stop spam)")
 
 
 # --- the generated documents ----------------------------------------------------------------------

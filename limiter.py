@@ -58,6 +58,8 @@ class Limits:
     join_failures_ip: Rule | None = None  # failed joins and resumes per address
     code_failures: Rule | None = None  # failed joins and resumes per code, any address
     api_ip: Rule | None = None
+    email_session: Rule | None = None  # e-mail invitations per session
+    email_recipient: Rule | None = None  # e-mail invitations per recipient address, from any session
 
 
 # IPv6 addresses are counted per block: one subscriber usually holds a /64
@@ -159,6 +161,16 @@ class Pseudonyms:
     def user(self, sub: str) -> str:
         """An authenticated user (a token's `sub`) as a limiter key."""
         return self._hash(b"user:", sub)
+
+    def recipient(self, address: str) -> str:
+        """An e-mail address as limiter key: in lower case and without a `+tag`, so that
+        `Bob+1@x.org` and `bob+2@x.org` count as the one mailbox they usually are."""
+        local, _, domain = address.lower().rpartition("@")
+        return self._hash(b"email:", f"{local.partition('+')[0]}@{domain}")
+
+    def mac(self, text: str) -> str:
+        """A tag proving this server (or an instance sharing its key) wrote `text`: admin cursors."""
+        return self._hash(b"mac:", text)
 
 
 @dataclass(frozen=True, slots=True)

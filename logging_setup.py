@@ -225,6 +225,10 @@ class _Listener(QueueListener):
         self._thread = None
 
 
+# The admin API's paths that name a session (its code), as the access log writes them.
+_ADMIN_SESSION_PATH = re.compile(r"^(/api/debug/sessions/)[^/]+")
+
+
 class _AccessLog(logging.Filter):
     """Hypercorn's access record to `http.request` with fields; probes, scrapes and upgrades at DEBUG.
 
@@ -242,7 +246,7 @@ class _AccessLog(logging.Filter):
         record.msg, record.args = "http.request", None
         record.fields = {
             "method": str(atoms["m"]),
-            "path": path,
+            "path": _ADMIN_SESSION_PATH.sub(r"\1{code}", path),  # a code in a path is not logged
             "status": int(status) if status.isdigit() else None,
             "duration_ms": round(int(atoms["D"]) / 1000, 3),
             "ip": host if host != "-" else None,

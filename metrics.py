@@ -46,6 +46,8 @@ RATE_LIMITS = (
     "join_failures_ip",
     "code_failures",
     "api_ip",
+    "email_session",
+    "email_recipient",
     "max_sockets",
     "max_sockets_ip",
 )

@@ -241,6 +241,38 @@ end
 return out
 """
 
+# The admin API's view of a live session: {created, expires_at, seq, clients,
+# then each member's user ('' for none)} (clients as "client_id:1,client_id:0"),
+# or nothing when there is none.
+_INFO = """
+local v = alive(KEYS[1], now_ms())
+if not v then return {} end
+local ids = split(v[5])
+local out = {tonumber(redis.call('HGET', KEYS[1], 'created')), math.min(tonumber(v[1]), tonumber(v[2])),
+  tonumber(v[3]), clients(KEYS[1], ids)}
+for _, id in ipairs(ids) do out[#out + 1] = redis.call('HGET', KEYS[1], 'u:' .. id) or '' end
+return out
+"""
+
+# An operator ends a live session: like expiry, with reason "ended". 1, or 0 when there is none.
+_END = """
+if not alive(KEYS[1], now_ms()) then return 0 end
+drop_limits(KEYS[1], nil)
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[4])
+emit('e', 'ended')
+return 1
+"""
+
+# ARGV: client_id, token_hash, user ('' for none: not checked). A member's
+# credentials, checked without a change: 1, -1 (no live session) or -4 (wrong
+# client_id or token, or another user's member).
+_MEMBER = """
+if not alive(KEYS[1], now_ms()) then return -1 end
+if redis.call('HGET', KEYS[1], 'm:' .. ARGV[1]) ~= ARGV[2] then return -4 end
+if ARGV[3] ~= '' and redis.call('HGET', KEYS[1], 'u:' .. ARGV[1]) ~= ARGV[3] then return -4 end
+return 1
+"""
+
 SCRIPTS = {
     name: LUA_WINDOW_FUNCTIONS + _LUA_COMMON + body
     for name, body in {
@@ -253,6 +285,9 @@ SCRIPTS = {
         "expire": _EXPIRE,
         "history": _HISTORY,
         "state": _STATE,
+        "info": _INFO,
+        "end": _END,
+        "member": _MEMBER,
     }.items()
 }
 

@@ -39,16 +39,20 @@ import hypercorn.trio
 import redis
 import trio
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
+import admin
+import api
 import auth
 import config as config_module
 import health
 import hypercorn_fixes
+import invites
 import lifecycle
 import logging_setup
 import metrics
@@ -57,7 +61,7 @@ import static_files
 from archive import Recorder, open_archive
 from config import Config
 from limiter import IPV6_SITE, Decision, Limiter, Limits, Pseudonyms, Rule, SocketCount, client_ip
-from migrations import MigrationError, migrate_command
+from migrations import MigrationError, migrate_command, parse_migrate_args
 from protocol import CloseCode, ErrorCode
 from redis_store import RedisStore
 from relay import Connection, Hub, Services, now_ms
@@ -137,7 +141,7 @@ class Tandem:
 
 
 def limits_from_config(config: Config) -> Limits:
-    if not config.rate_limit_enabled:
+    if not config.rate_limit_enabled:  # not allowed with SMTP_URL (config.py): e-mail is always limited
         return Limits()
 
     def rule(name: str, setting: tuple[int, float] | None) -> Rule | None:
@@ -150,6 +154,8 @@ def limits_from_config(config: Config) -> Limits:
         join_failures_ip=rule("join_failures_ip", config.rate_limit_join_failures_ip),
         code_failures=rule("code_failures", config.rate_limit_code_failures),
         api_ip=rule("api_ip", config.rate_limit_api_ip),
+        email_session=rule("email_session", config.rate_limit_email_session),
+        email_recipient=rule("email_recipient", config.rate_limit_email_recipient),
     )
 
 
@@ -249,10 +255,13 @@ def create_app(tandem: Tandem) -> Starlette:
             WebSocketRoute("/ws", websocket_endpoint),
             *static_files.StaticFiles(STATIC_DIR).routes(),  # /, /tandem.js and the page's files
             Route("/api/info", api_info),
+            *admin.routes(tandem),  # /api/debug/*
+            *invites.routes(tandem),  # /api/send-email
             *tandem.health.routes(),  # /health/live, /health/ready, /metrics
         ],
         # Requests on the METRICS_ADDRESS listener reach /metrics and the probes only.
         middleware=[Middleware(health.MetricsListener, health=tandem.health)],
+        exception_handlers={HTTPException: api.http_error},  # JSON 404 and 405 under /api/
     )
 
 
@@ -519,10 +528,12 @@ LISTEN_ERRNOS = {
 }
 
 USAGE = """\
-usage: python server.py [migrate]
+usage: python server.py [migrate [down [N] | status]]
 
-  (no command)  serve: the relay on HOST:PORT (default 0.0.0.0:3001)
-  migrate       apply sql/ to DATABASE_URL (PostgreSQL archive), then exit
+  (no command)    serve: the relay on HOST:PORT (default 0.0.0.0:3001)
+  migrate         apply sql/ to DATABASE_URL (PostgreSQL archive), then exit
+  migrate down N  revert the N migrations applied last (default 1), then exit
+  migrate status  list sql/'s migrations, applied or pending, then exit
 
 Settings come from the environment and a .env file in the working directory:
 every setting, its default and its range is in README.md ("Configuration") and
@@ -542,7 +553,8 @@ def main() -> int:
     if sys.argv[1:] in (["--help"], ["-h"], ["help"]):
         print(USAGE, end="")
         return 0
-    if sys.argv[1:] not in ([], ["migrate"]):
+    migrate_args = parse_migrate_args(sys.argv[2:]) if sys.argv[1:2] == ["migrate"] else None
+    if sys.argv[1:] and migrate_args is None:
         print(USAGE, end="", file=sys.stderr)
         return 2
     try:
@@ -555,8 +567,8 @@ def main() -> int:
         for line, key, closest in config_module.dotenv_warnings(Path(".env")):
             fields = {"file": ".env", "line": line, "key": key, "did_you_mean": closest or None}
             log.warning("config.unknown_setting", extra={"fields": fields})
-        if sys.argv[1:] == ["migrate"]:  # apply sql/ to DATABASE_URL and exit
-            return migrate_command(config)
+        if migrate_args is not None:  # migrate DATABASE_URL up, down or show its status, and exit
+            return migrate_command(config, migrate_args)
         for signum in SHUTDOWN_SIGNALS:  # until the event loop takes over (`run`)
             signal.signal(signum, lambda received, _frame: EARLY_SIGNALS.append(received))
         hypercorn_fixes.install(

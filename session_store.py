@@ -79,6 +79,45 @@ class Resumed:
     replay: tuple[StoredMessage, ...]
 
 
+# --- what the admin API sees of a session ------------------------------------------
+
+# The states a listing filters by: one member ("waiting") or two ("paired").
+STATES = ("waiting", "paired")
+# Sessions one page of `list_sessions` examines at most, whether they match its
+# filter or not: a page's work is bounded whatever the store holds (`after`
+# carries on where it stopped, even when it found nothing).
+LIST_BUDGET = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class MemberInfo:
+    client_id: str
+    online: bool
+    user: str | None = None  # the member's `sub` with authentication on; never its token
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    code: str
+    members: tuple[MemberInfo, ...]
+    last_seq: int
+    created_at: int
+    expires_at: int  # the earlier of the idle and the TTL deadline
+
+    @property
+    def state(self) -> str:
+        return STATES[1] if len(self.members) >= MAX_MEMBERS else STATES[0]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionPage:
+    """One page of a listing; `after` is where the next starts (a store's own
+    position, opaque to callers), None after the last."""
+
+    sessions: tuple[SessionInfo, ...]
+    after: str | None
+
+
 # --- events: what a committed change means to the members connected here ----------
 
 
@@ -162,6 +201,11 @@ def no_such_member() -> ClientError:
     """A resume's one answer for an unknown code and for wrong credentials, so
     that resuming cannot tell a guesser which codes exist."""
     return ClientError("no such session, or wrong client_id or token", ErrorCode.NOT_FOUND)
+
+
+def wrong_member() -> ClientError:
+    """Credentials that do not name a member of a live session (the e-mail API's 401)."""
+    return ClientError("wrong client_id or token", ErrorCode.UNAUTHORIZED)
 
 
 def session_full() -> ClientError:
@@ -300,6 +344,30 @@ class SessionStore(ABC):
     @abstractmethod
     def unwatch(self, code: str) -> None:
         """This process no longer needs the events of `code`."""
+
+    # -- the admin API and e-mail invites: concrete, so a store without them (a test's) still is one --
+
+    async def list_sessions(self, now: int, state: str | None, limit: int, after: str | None) -> SessionPage:
+        """Up to `limit` live sessions (only those in `state` if given) from position `after`,
+        examining at most LIST_BUDGET; ValueError for an `after` this store did not make."""
+        raise ServerError("this store cannot list sessions", ErrorCode.INTERNAL)
+
+    async def inspect(self, code: str, now: int) -> SessionInfo | None:
+        """The live session `code`, or None."""
+        raise ServerError("this store cannot inspect sessions", ErrorCode.INTERNAL)
+
+    async def end(self, code: str, now: int) -> bool:
+        """End the live session `code` (an operator's decision): its members online, on any
+        instance, get `session:expired` "ended". False when there is no such session."""
+        raise ServerError("this store cannot end sessions", ErrorCode.INTERNAL)
+
+    async def verify_member(
+        self, code: str, client_id: str, token_hash: bytes, now: int, user: str | None = None
+    ) -> None:
+        """Check a member's credentials without touching the session: `not_found` when the
+        session does not exist, `unauthorized` for a wrong client_id or token (or, given
+        `user`, a member another user holds)."""
+        raise ServerError("this store cannot verify members", ErrorCode.INTERNAL)
 
     async def count_sessions(self, now: int) -> dict[str, int] | None:
         """Live sessions by state ("waiting", "paired"), or None where counting is not cheap."""

@@ -507,7 +507,24 @@ def http_get(
     url: str, headers: Mapping[str, str] | None = None, timeout: float = 10.0
 ) -> tuple[int, dict[str, str], bytes]:
     """One GET (blocking): (status, headers with lower-case names, body), error statuses included."""
-    request = urllib.request.Request(url, headers=dict(headers or {}))
+    return http_request("GET", url, headers=headers, timeout=timeout)
+
+
+async def http(
+    method: str, url: str, body: object = None, headers: Mapping[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """`http_request` in a worker thread, so that the test's sockets keep reading meanwhile."""
+    return await trio.to_thread.run_sync(lambda: http_request(method, url, body, headers))
+
+
+def http_request(
+    method: str, url: str, body: object = None, headers: Mapping[str, str] | None = None, timeout: float = 10.0
+) -> tuple[int, dict[str, str], bytes]:
+    """One request (blocking), `body` sent as is (bytes) or as JSON: (status, headers with
+    lower-case names, body), error statuses included."""
+    data = body if isinstance(body, bytes) or body is None else orjson.dumps(body)
+    sent = {"Content-Type": "application/json"} if data is not None else {}
+    request = urllib.request.Request(url, data=data, method=method, headers={**sent, **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()

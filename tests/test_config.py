@@ -48,6 +48,10 @@ BAD_TEXT = {
     "SUPABASE_URL": "https://abcdefgh.supabase.co/auth/v1",
     "AUTH_ISSUER": "https://issuer example",
     "MOTD": "a bell \a",
+    "ADMIN_TOKEN": "too short",
+    "SMTP_URL": "smtp://user:hunter2@mail.example.com:99999",
+    "EMAIL_FROM": "Tandem <invites@example.com>, other@example.com",
+    "PUBLIC_URL": "https://pair.example.com/#code",
 }
 ACCEPTS_ANYTHING = {"DATA_DIR", "AUTH_AUDIENCE"}  # any text is a path; any list of audiences
 
@@ -125,7 +129,7 @@ def test_numeric_bounds_are_enforced(s: Setting) -> None:
 
 def test_rate_bounds_are_enforced() -> None:
     rates = [s for s in SETTINGS if s.kind.unit == "rate"]
-    assert len(rates) == 6
+    assert len(rates) == 8
     for s in rates:
         for value, expected in (("1/0.001", (1, 0.001)), ("1000000/86400", (1_000_000, 86400.0)), ("off", None)):
             assert getattr(load({s.name: value}, dotenv=None), s.field) == expected
@@ -150,6 +154,41 @@ def test_cross_setting_checks() -> None:
     assert (config.pre_drain_delay, config.send_queue_bytes) == (5.0, 2**20)
 
 
+# The settings e-mail invitations need, all in force.
+EMAIL = {
+    "SMTP_URL": "smtps://invites%40example.com:hunter2@mail.example.com",
+    "EMAIL_FROM": "Tandem <invites@example.com>",
+    "PUBLIC_URL": "https://pair.example.com/",
+}
+
+
+def test_email_settings_and_their_combinations() -> None:
+    config = load(EMAIL, dotenv=None)
+    assert config.public_url == "https://pair.example.com" and config.email_from == "Tandem <invites@example.com>"
+    assert config.rate_limit_email_session == (5, 86400.0) and config.rate_limit_email_recipient == (3, 86400.0)
+    for missing in ("EMAIL_FROM", "PUBLIC_URL"):
+        assert "SMTP_URL is set" in str(refuse({**EMAIL, missing: ""}, missing))
+    # E-mail is never sent unlimited: neither all limits off, nor one of its own.
+    refuse({**EMAIL, "RATE_LIMIT_ENABLED": "0"}, "RATE_LIMIT_ENABLED")
+    for name in ("RATE_LIMIT_API_IP", "RATE_LIMIT_EMAIL_SESSION", "RATE_LIMIT_EMAIL_RECIPIENT"):
+        refuse({**EMAIL, name: "off"}, name)
+    assert load({"RATE_LIMIT_ENABLED": "0", "RATE_LIMIT_EMAIL_SESSION": "off"}, dotenv=None).smtp_url is None
+    for bad in (
+        "http://mail.example.com",
+        "smtp://",
+        "smtp://mail.example.com/path",
+        "smtp://mail.example.com?tls=0",
+        "smtp://mail example.com",
+    ):
+        refuse({"SMTP_URL": bad}, "SMTP_URL")
+    injected = "Bob <a@example.com>\r\nBcc: x@example.com"
+    for bad in ("invites", "a@b", "<invites@example.com", injected, "a,b@example.com"):
+        refuse({"EMAIL_FROM": bad}, "EMAIL_FROM")
+    for bad in ("pair.example.com", "ftp://pair.example.com", "https://pair.example.com/?x=1", "https://"):
+        refuse({"PUBLIC_URL": bad}, "PUBLIC_URL")
+    assert "hunter2" not in str(refuse({"SMTP_URL": "smtp://u:hunter2@mail.example.com:99999"}, "SMTP_URL"))
+
+
 def test_values_are_normalised_and_secrets_stay_out_of_repr() -> None:
     env = {
         "LOG_LEVEL": "debug",
@@ -162,13 +201,15 @@ def test_values_are_normalised_and_secrets_stay_out_of_repr() -> None:
         "DATABASE_URL": "postgresql://u:hunter2@db/x",
         "HASH_KEY": "0123456789abcdef-key",
         "METRICS_TOKEN": "0123456789abcdef-token",
+        "ADMIN_TOKEN": "0123456789abcdef-admin",
+        **EMAIL,
     }
     config = load(env, dotenv=None)
     assert (config.log_level, config.log_format, config.sqlite_synchronous) == ("DEBUG", "json", "NORMAL")
     assert config.allowed_origins == ("https://a.example.com", "https://b.example.com")
     assert config.trusted_proxies == ("10.0.0.0/8", "::1/128") and config.redis_cluster
     assert load({"ALLOWED_ORIGINS": "https://a.example.com, *"}, dotenv=None).allowed_origins == ()
-    assert not re.search(r"hunter2|-key|-token", repr(config))
+    assert not re.search(r"hunter2|-key|-token|-admin", repr(config))
 
 
 def test_dotenv_is_read_under_the_environment(tmp_path: Path) -> None:
@@ -191,6 +232,7 @@ def test_server_exits_2_with_one_line_naming_a_bad_setting(tmp_path: Path) -> No
         "DATABASE_URL": {"DATABASE_URL": "mysql://root:hunter2@db/x"},
         "LOG_LEVEL": {"LOG_LEVEL": "loud"},
         "PRE_DRAIN_DELAY": {"PRE_DRAIN_DELAY": "6", "SHUTDOWN_GRACE": "10"},
+        "EMAIL_FROM": {"SMTP_URL": "smtp://u:hunter2@127.0.0.1:1", "PUBLIC_URL": "https://pair.example.com"},
     }
     clean = {k: v for k, v in os.environ.items() if k not in BY_NAME}
     runs = {

@@ -21,7 +21,7 @@ import orjson
 import psycopg
 import pytest
 import trio
-from helpers import ROOT, ServerFactory, base_env, connect, eventually, free_port, log_lines, paired
+from helpers import ROOT, ServerFactory, base_env, connect, eventually, free_port, http, log_lines, paired
 from pg_servers import PrivateCluster, scratch_database
 
 import archive as archive_module
@@ -337,6 +337,25 @@ async def test_metadata_only_and_expiry_is_archived(pg_url: str, tandem_factory:
     await archived(
         pg_url, "SELECT count(*) FROM analytics_events WHERE type = 'connection.closed'", lambda r: r == [(2,)]
     )
+
+
+async def test_a_session_an_operator_ended_is_archived_with_reason_ended(
+    pg_url: str, tandem_factory: ServerFactory
+) -> None:
+    migrations.migrate(pg_url)
+    token = "admin-token-0123456789-abcdef"
+    server = tandem_factory(DATABASE_URL=pg_url, ARCHIVE_FLUSH_MS="50", ADMIN_TOKEN=token)
+    async with paired(server) as (a, b, created, _):
+        status, _, _ = await http(
+            "DELETE",
+            f"{server.http}/api/debug/sessions/{created['code']}",
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        assert status == 204
+        for client in (a, b):
+            assert (await client.expect("session:expired"))["reason"] == "ended"
+    rows = await archived(pg_url, "SELECT end_reason FROM sessions WHERE ended_at IS NOT NULL", lambda r: len(r) == 1)
+    assert rows == [("ended",)]
 
 
 async def test_sigterm_flushes_the_queue_before_exit(pg_url: str, tandem_factory: ServerFactory) -> None:
