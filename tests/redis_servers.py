@@ -108,6 +108,8 @@ class RedisServer:
     def start(self) -> RedisServer:
         if self.running:
             raise AssertionError(f"redis-server on {self.port} is already running")
+        if shutil.which(REDIS_SERVER) is None:
+            raise AssertionError("redis-server is not installed: install it (Debian: apt-get install redis-server)")
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.args(), stdout=log, stderr=subprocess.STDOUT)
         client = self.client(socket_timeout=0.5, socket_connect_timeout=0.5)
