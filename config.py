@@ -1,7 +1,7 @@
 """Tandem's settings: one frozen, typed Config, built once at start-up by load().
 
 Each Config field is its setting's one entry (default, parser with unit and bounds, doc): load() reads
-the environment and `.env` with them, and README's table and .env.example are printed from them.
+the environment and `.env` with them, and docs/configuration.md's table and .env.example are printed from them.
 """
 
 from __future__ import annotations
@@ -279,7 +279,7 @@ def setting(default: T, kind: Kind[T], doc: str, *, section: str = "", secret: b
 @dataclass(frozen=True, slots=True)
 class Config:
     """Every setting; its environment variable is the field's name in capitals. After a change, regenerate
-    .env.example and README's table (`python config.py --help`); tests/test_config.py checks both."""
+    .env.example and docs/configuration.md's table (`python config.py --help`); tests/test_config.py checks both."""
 
     host: str = setting("0.0.0.0", HOST_NAME, "address to listen on; `::` for IPv6 and IPv4", section="network")
     port: int = setting(3001, integer(0, 65535, "port"), "TCP port")
@@ -337,7 +337,7 @@ class Config:
     code_length: int = setting(
         8,
         integer(8, protocol.MAX_CODE_CHARS, "characters"),
-        'characters in a session code; the 6 the protocol allows fall to guessing within hours (README "Security")',
+        "characters in a session code; the 6 the protocol allows fall to guessing within hours (docs/security.md)",
     )
     ping_interval: float = setting(
         20.0, seconds(0.1, 3600), "time between server pings; a peer silent for `1.5 * PING_INTERVAL + 1` s is dropped"
@@ -393,7 +393,7 @@ class Config:
         0,
         integer(0, 16, "replicas"),
         "an ack waits until this many replicas hold the write too (Redis `WAIT`); 0: the master's write alone "
-        '(README "What an ack promises")',
+        '(docs/setup.md, "What an ack promises")',
     )
     redis_ack_timeout: float = setting(
         1.0,
@@ -404,8 +404,8 @@ class Config:
         None,
         POSTGRES_URL,
         "`postgresql://user:password@host:5432/dbname`: archive sessions, messages and analytics events "
-        'in PostgreSQL (README "PostgreSQL archive"); empty: no archive',
-        section='PostgreSQL archive (README, "PostgreSQL archive")',
+        'in PostgreSQL (docs/setup.md, "PostgreSQL archive"); empty: no archive',
+        section='PostgreSQL archive (docs/setup.md, "PostgreSQL archive")',
         secret=True,
     )
     migrate_on_start: bool = setting(
@@ -465,7 +465,7 @@ class Config:
         "",
         SECRET,
         "`/api/debug/*` needs `Authorization: Bearer ADMIN_TOKEN`; empty: the admin API answers 404",
-        section='admin API and e-mail invites (README, "Admin API", "E-mail invites")',
+        section='admin API and e-mail invites (docs/operations.md, "Admin API"; docs/setup.md, "E-mail invites")',
         secret=True,
     )
     smtp_url: str | None = setting(
@@ -512,7 +512,7 @@ class Config:
         20_000,
         integer(0, 10_000_000, "sockets"),
         "open WebSockets per process; beyond, HTTP 503 before the upgrade. `0`: no cap",
-        section='hostile clients (README, "Security")',
+        section="hostile clients (docs/security.md)",
     )
     max_sockets_ip: int = setting(
         64,
@@ -713,13 +713,13 @@ def _check_email(config: Config) -> None:
 ENV_HEADER = """\
 # Tandem's settings, each at its default. Copy to `.env` in the directory the server runs from (the
 # environment wins over the file) and change what you need; an empty value means the default. A bad
-# value stops the server with exit code 2 and one line naming the setting. README "Configuration" has
+# value stops the server with exit code 2 and one line naming the setting. docs/configuration.md has
 # the same list as a table; both are printed by config.py (--env-example, --markdown): edit it there.
 """
 
 
 def markdown() -> str:
-    """README's settings table."""
+    """The settings table of docs/configuration.md."""
     lines = ["| setting | default | meaning |", "| --- | --- | --- |"]
     for s in SETTINGS:
         shown = s.kind.show(s.default)
@@ -744,6 +744,7 @@ def env_example() -> str:
 if __name__ == "__main__":
     outputs = {"--markdown": markdown, "--env-example": env_example}
     if len(sys.argv) != 2 or sys.argv[1] not in outputs:
-        print("usage: python config.py --markdown (README's table) | --env-example (> .env.example)", file=sys.stderr)
+        usage = "usage: python config.py --markdown (docs/configuration.md) | --env-example (> .env.example)"
+        print(usage, file=sys.stderr)
         sys.exit(2)
     sys.stdout.write(outputs[sys.argv[1]]())

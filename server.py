@@ -536,8 +536,9 @@ usage: python server.py [migrate [down [N] | status]]
   migrate status  list sql/'s migrations, applied or pending, then exit
 
 Settings come from the environment and a .env file in the working directory:
-every setting, its default and its range is in README.md ("Configuration") and
-in .env.example; `python config.py --markdown` prints the table.
+every setting, its default and its range is in docs/configuration.md and in
+.env.example; `python config.py --markdown` prints the table. A start-up error
+and what to do about it: docs/troubleshooting.md.
 """
 
 

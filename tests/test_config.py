@@ -1,6 +1,6 @@
 """The settings table in config.py: the Config it builds, the bounds it enforces, the documents printed from it.
 
-README's settings table and .env.example must be exactly what `python config.py --markdown` and
+docs/configuration.md's settings table and .env.example must be exactly what `python config.py --markdown` and
 `--env-example` print; every setting refuses a bad value with a ConfigError naming it, and
 `python server.py` turns that into one line and exit code 2.
 """
@@ -91,15 +91,16 @@ def test_every_config_field_has_exactly_one_entry_and_every_entry_a_field() -> N
     assert SETTINGS[0].section, "the first setting must start a section of .env.example"
 
 
-def test_readme_table_and_env_example_are_generated_from_the_table() -> None:
+def test_docs_table_and_env_example_are_generated_from_the_table() -> None:
     def printed(option: str) -> str:
         command = [sys.executable, "config.py", option]
         return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True, timeout=30).stdout
 
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    block = re.search(r"^<!-- settings:begin -->\n(.*?)^<!-- settings:end -->$", readme, re.DOTALL | re.MULTILINE)
-    assert block is not None, "README.md lacks the <!-- settings:begin --> / <!-- settings:end --> markers"
-    assert block.group(1) == printed("--markdown"), "README's table is stale: paste `python config.py --markdown`"
+    page = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    block = re.search(r"^<!-- settings:begin -->\n(.*?)^<!-- settings:end -->$", page, re.DOTALL | re.MULTILINE)
+    assert block is not None, "docs/configuration.md lacks the <!-- settings:begin --> / <!-- settings:end --> markers"
+    stale = "docs/configuration.md's table is stale: paste `python config.py --markdown`"
+    assert block.group(1) == printed("--markdown"), stale
     env_example = (ROOT / ".env.example").read_text(encoding="utf-8")
     assert env_example == printed("--env-example"), "stale: run `python config.py --env-example > .env.example`"
     assert re.findall(r"^([A-Z][A-Z0-9_]+)=", env_example, re.MULTILINE) == list(BY_NAME)

@@ -4,7 +4,7 @@ The Kubernetes manifests are rendered as kustomize would (the resources, the Sec
 generated from secrets.env.example, the image tag) and validated against the API
 schemas kubernetes-validate ships, for the oldest and newest Kubernetes it knows;
 then the pod's settings (image ENV, ConfigMap, Secret) go through Tandem's own
-config.load, and the policy is asserted on them: probes as README "Probes" says,
+config.load, and the policy is asserted on them: probes as docs/operations.md "Probes" says,
 a grace period above SHUTDOWN_GRACE + PRE_DRAIN_DELAY, non-root, read-only root,
 no capabilities, memory for MAX_SOCKETS connections. The alerting rules and the
 scrape configuration go through `promtool check` and the rules' unit tests
@@ -52,7 +52,7 @@ DASHBOARD = GRAFANA / "tandem.json"
 OLDEST_KUBERNETES = "1.29"
 # What kustomization.yaml may use: what `rendered()` below applies, nothing it would ignore.
 KUSTOMIZE_KEYS = {"apiVersion", "kind", "namespace", "resources", "secretGenerator", "images"}
-# README "Benchmarks": 40.7 KiB of RSS per held connection, and an empty server's ~60 MiB.
+# docs/benchmarks.md: 40.7 KiB of RSS per held connection, and an empty server's ~60 MiB.
 KIB_PER_CONNECTION = 41
 EMPTY_SERVER_MIB = 64
 PROMTOOL_MISSING = (
@@ -259,27 +259,27 @@ def test_pod_settings_pass_tandems_own_checks_and_share_redis() -> None:
     assert settings.log_format == "json"
 
 
-def readme_probes() -> dict[str, Any]:
-    """The YAML block of README "Probes" (livenessProbe, readinessProbe, terminationGracePeriodSeconds)."""
-    section = (ROOT / "README.md").read_text().split("\n### Probes\n", 1)[1].split("\n### ", 1)[0]
+def recommended_probes() -> dict[str, Any]:
+    """The YAML block of docs/operations.md "Probes" (livenessProbe, readinessProbe, terminationGracePeriodSeconds)."""
+    section = (ROOT / "docs" / "operations.md").read_text().split("\n## Probes\n", 1)[1].split("\n## ", 1)[0]
     block = re.search(r"```yaml\n(.*?)```", section, re.S)
-    assert block, "README Probes has a yaml block"
+    assert block, "docs/operations.md Probes has a yaml block"
     data = yaml.safe_load(block.group(1))
     assert isinstance(data, dict)
     return data
 
 
-def test_probes_follow_the_readme_and_the_grace_period_covers_a_drain() -> None:
+def test_probes_follow_the_docs_and_the_grace_period_covers_a_drain() -> None:
     k = kit()
     spec = pod_spec(k.deployment)
-    recommended = readme_probes()
+    recommended = recommended_probes()
     for probe in ("livenessProbe", "readinessProbe"):
         ours, theirs = k.container[probe], recommended[probe]
         assert ours["httpGet"]["path"] == theirs["httpGet"]["path"], probe
         assert container_port(k.container, ours["httpGet"]["port"]) == k.settings.port == theirs["httpGet"]["port"]
         for key in ("periodSeconds", "timeoutSeconds", "failureThreshold"):
             if key in theirs:
-                assert ours.get(key) == theirs[key], f"{probe}.{key}: README says {theirs[key]}"
+                assert ours.get(key) == theirs[key], f"{probe}.{key}: docs/operations.md says {theirs[key]}"
     startup = k.container["startupProbe"]
     assert startup["httpGet"]["path"] == "/health/live"
     # READY_TIMEOUT: "keep it below the probe's own timeout".

@@ -9,6 +9,7 @@ named in a warning with the setting it most likely meant.
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -43,7 +44,10 @@ def failure_line(result: subprocess.CompletedProcess[str]) -> str:
 def test_help_lists_the_commands_and_points_at_the_settings(tmp_path: Path) -> None:
     result = run_server(tmp_path, "--help")
     assert result.returncode == 0, result.stderr
-    assert "migrate" in result.stdout and "README.md" in result.stdout and ".env.example" in result.stdout
+    assert "migrate" in result.stdout and ".env.example" in result.stdout
+    named = re.findall(r"\b(?:README|docs/[a-z_]+)\.md\b", result.stdout)
+    assert "docs/configuration.md" in named, "--help points at the settings reference"
+    assert all((ROOT / name).is_file() for name in named), named
     wrong = run_server(tmp_path, "serve-please")
     assert wrong.returncode == 2 and "usage: python server.py" in wrong.stderr
 
