@@ -24,7 +24,7 @@ log = logging.getLogger("tandem.redis")
 INSTANCES_KEY = "tandem:instances"
 # A heartbeat this often; an instance silent for DEAD_AFTER_S is dead. A
 # member of a dead instance is offline, and its peer told, within about
-# DEAD_AFTER_S + HEARTBEAT_S (README, "Redis mode": under 10 s).
+# DEAD_AFTER_S + HEARTBEAT_S (docs/architecture.md, "Redis mode internals": under 10 s).
 HEARTBEAT_S = 2.0
 DEAD_AFTER_S = 6.0
 # The instances' keys outlive the last beat this long, for a reaper that comes

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install everything the tests need, then run them all (README, .ci/run).
-# Needs Node.js 20.10+ on the machine (see README); installs Debian's
+# Needs Node.js 20.10+ on the machine (see docs/testing.md); installs Debian's
 # redis-server and postgresql (the servers: where none answers on 127.0.0.1:6379
 # or :5432 the tests start private ones, tests/conftest.py), docker-compose
 # (compose-file validation), chromium and chromium-driver (the page's browser

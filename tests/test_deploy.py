@@ -2,7 +2,7 @@
 
 The Dockerfile's final stage is replayed into a directory and its CMD and
 HEALTHCHECK run there with its ENV; `docker-compose config` validates the
-compose file. (.env.example and README's settings table: tests/test_config.py.)
+compose file. (.env.example and docs/configuration.md's settings table: tests/test_config.py.)
 """
 
 from __future__ import annotations

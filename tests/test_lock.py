@@ -2,7 +2,7 @@
 
 The image installs it with `--require-hashes --no-deps`; it must hold each
 direct pin of requirements.txt at the same version, everything those need,
-and a hash for every line. Regenerate it as README "Dependencies" says.
+and a hash for every line. Regenerate it as README.md, "Dependencies", says.
 """
 
 from __future__ import annotations

@@ -96,7 +96,7 @@ async def test_with_ack_replicas_an_ack_means_the_replica_holds_the_message(
 async def test_without_ack_replicas_an_ack_follows_the_master_alone(
     private_redis: RedisFactory, tandem_factory: ServerFactory
 ) -> None:
-    """What README's "What an ack promises" says: a failover may lose an acknowledged message."""
+    """What docs/setup.md, "What an ack promises", says: a failover may lose an acknowledged message."""
     master, replica = master_and_replica(private_redis)
     server = tandem_factory(REDIS_URL=master.url())
     async with paired(server) as (a, _b, created, _):
