@@ -1043,7 +1043,7 @@ async def test_no_retry_after_1008(tandem_factory: ServerFactory) -> None:
 
 async def test_the_readme_example_works_as_written(tandem: Server) -> None:
     readme = (ROOT / "README.md").read_text()
-    section = readme.split("\n### In Python: `client.py`\n", 1)[1].split("\n#", 1)[0]
+    section = readme.split("\n### In Python: `client.py`\n", 1)[1].split("\n## ", 1)[0]
     example = section.split("```python\n", 1)[1].split("```", 1)[0]
     assert '"ws://127.0.0.1:3001/ws"' in example
     script = example.replace('"ws://127.0.0.1:3001/ws"', repr(tandem.url))
