@@ -39,6 +39,7 @@ test("authenticated members pair, and a short token is refreshed before it expir
   await until(() => b.data().length === 1, 5000, "bob got it");
   assert.deepEqual(b.data(), ["hello bob"]);
   await until(() => alice.reasons.includes("refresh"), 6000, "a refresh");
+  await until(() => users.length > 0, 5000, "the refresh's auth:ok"); // a round trip after the callback
   assert.deepEqual(users, ["alice"], "the refresh was accepted for the same user");
   await new Promise((resolve) => setTimeout(resolve, 1500)); // past the first token's exp
   await a.tandem.send("still here");
