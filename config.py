@@ -246,7 +246,13 @@ REDIS_URL = Kind(
 POSTGRES_URL = Kind(
     _database_url, "url", "a postgresql:// URL such as postgresql://user@host:5432/tandem", mask=_mask_password
 )
-SECRET = Kind(_secret, "secret", "a secret of at least 16 characters", "at least 16 characters")
+SECRET = Kind(
+    _secret,
+    "secret",
+    "a secret of at least 16 characters",
+    "at least 16 characters",
+    mask=lambda raw: f"<{len(raw)} characters>",  # a refused secret is never echoed
+)
 HTTP_URL = Kind(_http_url, "url", "an http:// or https:// URL", mask=_mask_password)
 PROJECT_URL = Kind(_project_url, "url", "a project URL such as https://abcdefgh.supabase.co (no path)")
 JWT_SECRET = Kind(

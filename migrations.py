@@ -247,7 +247,7 @@ def _locked(
     try:
         lock = psycopg.connect(url, autocommit=True, **connect_kwargs("tandem-migrate-lock", 10_000))
     except psycopg.Error as exc:
-        raise MigrationError(f"cannot connect to PostgreSQL at {where}: {str(exc).strip()}") from exc
+        raise MigrationError(f"cannot connect to PostgreSQL at {where}: {_one_line(exc)}") from exc
     with lock:
         report.waited_s = _acquire_lock(lock, lock_wait_s, cancel)
         try:

@@ -112,7 +112,10 @@ class Tandem:
         self.health = health.Health(config, self.metrics, store, client_ip=partial(client_ip, trusted=trusted))
         self.health.readiness.add(health.Check("store", store.check, component_id=store.backend))
         if config.database_url is not None:
-            self.health.readiness.add(health.Check("database", archive.check, component_id="postgresql"))
+            # Not critical: relaying does not need the archive (its rows wait, bounded, or are
+            # dropped and counted), so PostgreSQL down must not take every instance out of service.
+            check = health.Check("database", archive.check, component_id="postgresql", critical=False)
+            self.health.readiness.add(check)
         self.report = lifecycle.Fanout(lifecycle.logged, lifecycle.archived(archive), lifecycle.counted(self.metrics))
         self.services = Services(
             config=config,
@@ -516,7 +519,10 @@ def startup_failure(exc: BaseException, config: Config) -> str:
         return f"DATA_DIR={config.data_dir}: {text}; stop that process, or give this one another DATA_DIR"
     if isinstance(exc, MigrationError) and config.database_url is not None:
         url = config_module.POSTGRES_URL.mask(config.database_url)
-        return f"DATABASE_URL={url}: {text}; start PostgreSQL or correct DATABASE_URL (or set MIGRATE_ON_START=0)"
+        if "cannot connect" in text:
+            return f"DATABASE_URL={url}: {text}; start PostgreSQL or correct DATABASE_URL (or set MIGRATE_ON_START=0)"
+        advice = 'fix what it names (docs/setup.md, "Migrations"), or set MIGRATE_ON_START=0'
+        return f"DATABASE_URL={url}: {text}; {advice}"
     return f"start-up failed: {text}"
 
 
@@ -549,7 +555,10 @@ SUPPORTED_PYTHON = ((3, 11), (3, 13))
 def main() -> int:
     if not SUPPORTED_PYTHON[0] <= sys.version_info[:2] <= SUPPORTED_PYTHON[1]:
         (low, high), running = SUPPORTED_PYTHON, ".".join(map(str, sys.version_info[:2]))
-        print(f"tandem: Python {running} is not supported: use Python {low[0]}.{low[1]} to {high[0]}.{high[1]}")
+        print(
+            f"tandem: Python {running} is not supported: use Python {low[0]}.{low[1]} to {high[0]}.{high[1]}",
+            file=sys.stderr,
+        )
         return 2
     if sys.argv[1:] in (["--help"], ["-h"], ["help"]):
         print(USAGE, end="")

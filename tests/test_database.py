@@ -416,6 +416,11 @@ async def test_postgresql_down_mid_run_the_relay_keeps_working_and_rows_arrive_a
                 async with paired(server) as (c, d, during, _):
                     await c.message("during the outage")
                     await d.expect("message")
+            # Still in service: the archive's check only warns.
+            status, _, body = await http("GET", server.http + "/health/ready")
+            report = orjson.loads(body)
+            assert status == 200 and report["status"] == "warn", (status, report)
+            assert report["checks"]["database:responseTime"][0]["status"] == "fail", report
             await trio.sleep(archive_module.POOL_WAIT_S + 1)  # long enough for the writer to give up once
             await trio.to_thread.run_sync(cluster.start)
 
