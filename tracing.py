@@ -178,7 +178,10 @@ class Tracer:
                     span.set_attribute("tandem.session", logging_setup.code_pseudonym(code))
 
     def traceparent(self) -> str:
-        """The current span's W3C traceparent (the send's, in RedisStore.append), or ''."""
+        """The current span's W3C traceparent (the send's, in RedisStore.append); '' when it
+        is not sampled (no instance would record its delivery)."""
+        if not self._trace.get_current_span().get_span_context().trace_flags.sampled:
+            return ""
         carrier: dict[str, str] = {}
         self._propagator.inject(carrier)
         return carrier.get("traceparent", "")
@@ -186,22 +189,22 @@ class Tracer:
     # -- the store's group commit (session_store.GroupCommit) --
 
     def queued(self, op: session_store.Op) -> None:
-        """An operation joins the queue: it carries the current (request's) span context."""
+        """An operation joins the queue: it carries the current (request's) span context, if
+        sampled (the spans it would lead to are recorded only then)."""
         context = self._trace.get_current_span().get_span_context()
-        if context.is_valid:
+        if context.is_valid and context.trace_flags.sampled:
             op.trace = context
 
     def batch_started(self, batch: list[session_store.Op], backend: str) -> Span | None:
-        """The batch's span: a child of the first (sampled) request it carries, linked to each of
-        them. None for a batch that carries no request (the sweeper's, a probe's)."""
+        """The batch's span: a child of the first request it carries, linked to each of them. None
+        for a batch that carries no (sampled) request: the sweeper's, a probe's."""
         trace = self._trace
         carried: list[SpanContext] = [op.trace for op in batch if getattr(op, "trace", None) is not None]
         if not carried:
             return None
-        parent = next((context for context in carried if context.trace_flags.sampled), carried[0])
         return self._tracer.start_span(
             BATCH_SPAN,
-            context=trace.set_span_in_context(trace.NonRecordingSpan(parent)),
+            context=trace.set_span_in_context(trace.NonRecordingSpan(carried[0])),
             kind=trace.SpanKind.CLIENT,
             attributes={
                 "db.system.name": backend,
@@ -277,7 +280,7 @@ class Tracer:
             if carried is not None and carried[0] == parsed.message.seq:
                 parent = self._trace.get_current_span(self._propagator.extract({"traceparent": carried[1]}))
                 context = parent.get_span_context()
-                if context.is_valid:
+                if context.is_valid and context.trace_flags.sampled:
                     self.deliver(parsed, context, dispatch, "redis")
                     return
         dispatch(parsed)

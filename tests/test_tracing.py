@@ -40,6 +40,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace import Span as SdkSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusCode
 from test_relay_inprocess import GUEST_IP, HOST_IP, UNKNOWN_CODE, open_sqlite_relay, pair
 from trio.testing import wait_all_tasks_blocked
@@ -371,6 +372,26 @@ async def test_one_batch_span_links_every_request_it_carried_and_counts_its_fail
         "error.type": "unavailable",
     }
     assert batch.status.status_code == StatusCode.ERROR
+
+
+async def test_a_request_sampled_out_leads_to_no_batch_or_delivery_span_and_no_traceparent(
+    tmp_path: Path, span_objects: SpanCount
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ParentBased(ALWAYS_OFF))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.tracer = tracer = tracing.Tracer(provider)
+    try:
+        await exchange(tmp_path)
+        with provider.get_tracer("test").start_as_current_span("sampled out"):
+            op = Op("payload")
+            tracer.queued(op)
+            assert tracer.traceparent() == "" and not hasattr(op, "trace")
+    finally:
+        tracing.tracer = None
+        provider.shutdown()
+    assert exporter.get_finished_spans() == ()
+    assert span_objects.made == 6 + 1  # a non-recording span per request of `exchange`, and the one above
 
 
 # --- Redis: the traceparent published with a message -------------------------------------------------
