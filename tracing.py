@@ -12,12 +12,13 @@ import os
 import threading
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import logging_setup
 import protocol
 import session_store
-from config import ConfigError
+from config import ConfigError, read_dotenv
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -83,15 +84,21 @@ def exporters(env: Mapping[str, str]) -> list[str]:
     return sorted(set(chosen), key=chosen.index)
 
 
-def setup(env: Mapping[str, str] | None = None) -> Tracer | None:
-    """Turn tracing on if the environment (default: os.environ) asks for it; None when off.
+def setup(dotenv: Path | None = Path(".env")) -> Tracer | None:
+    """Turn tracing on if the OTEL_* variables ask for it; None when off.
 
-    The SDK reads its other OTEL_* variables itself (endpoint, headers, sampler, batching,
-    resource attributes). `service.name` is `tandem` unless OTEL_SERVICE_NAME or
-    OTEL_RESOURCE_ATTRIBUTES say otherwise; `service.instance.id` is random per process.
+    They come from the environment and, as Tandem's settings do, from `dotenv` (the environment
+    wins): the file's are copied into os.environ, where the SDK reads the others itself (endpoint,
+    headers, sampler, batching, resource attributes). `service.name` is `tandem` unless
+    OTEL_SERVICE_NAME or OTEL_RESOURCE_ATTRIBUTES say otherwise; `service.instance.id` is random
+    per process unless OTEL_RESOURCE_ATTRIBUTES names one.
     """
     global tracer
-    chosen = exporters(os.environ if env is None else env)
+    if dotenv is not None:
+        for key, value in read_dotenv(dotenv).items():
+            if key.startswith("OTEL_"):
+                os.environ.setdefault(key, value)
+    chosen = exporters(os.environ)
     if not chosen:
         return None
     from opentelemetry.sdk.resources import Resource

@@ -48,6 +48,7 @@ from trio.testing import wait_all_tasks_blocked
 import logging_setup
 import tracing
 from config import ConfigError
+from limiter import LimitKey, Rule
 from protocol import ErrorCode, ServerError
 from redis_listener import Listener
 from redis_scripts import channel, parse_event, stored_message
@@ -489,8 +490,9 @@ async def test_on_redis_a_traced_send_publishes_its_traceparent_before_the_messa
             try:
                 assert tracing.tracer is not None
                 otel = tracing.tracer.provider.get_tracer("test")
+                limits = [LimitKey(Rule("messages_user", 100, 60.0), "alice", per_session=True)]  # ARGV pairs first
                 with otel.start_as_current_span("the send") as span:
-                    assert (await store.append(code, "alice", "conn-a", orjson.dumps(BODY), now)).seq == 1
+                    assert (await store.append(code, "alice", "conn-a", orjson.dumps(BODY), now, limits)).seq == 1
                     send = span.get_span_context()
                 traced = [await trio.to_thread.run_sync(next_published, pubsub) for _ in range(2)]
                 tracing.tracer, on = None, tracing.tracer  # an instance not tracing publishes the message alone
@@ -610,13 +612,13 @@ def collector() -> Iterator[Collector]:
 async def test_a_trace_runs_from_the_send_on_one_instance_to_the_delivery_on_another(
     tandem_factory: ServerFactory, collector: Collector, tmp_path: Path
 ) -> None:
+    # The servers' working directory: OTEL_* variables in .env count, under the environment's.
+    dotenv = f"OTEL_EXPORTER_OTLP_ENDPOINT={collector.endpoint}\nOTEL_RESOURCE_ATTRIBUTES=service.instance.id=dotenv\n"
+    (tmp_path / ".env").write_text(dotenv)
+
     def instance(name: str) -> Any:
-        return tandem_factory(
-            data_dir=tmp_path / name,
-            OTEL_EXPORTER_OTLP_ENDPOINT=collector.endpoint,
-            OTEL_RESOURCE_ATTRIBUTES=f"service.instance.id={name}",
-            OTEL_BSP_SCHEDULE_DELAY="100",
-        )
+        otel = {"OTEL_RESOURCE_ATTRIBUTES": f"service.instance.id={name}", "OTEL_BSP_SCHEDULE_DELAY": "100"}
+        return tandem_factory(data_dir=tmp_path / name, **otel)
 
     a_server, b_server = instance("sender"), instance("receiver")
     async with connect(a_server) as a, connect(b_server) as b:
