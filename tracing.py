@@ -2,13 +2,14 @@
 
 Off unless the standard OTEL_* variables ask for it (`exporters`); then `setup` imports the SDK and
 sets `tracer`. Every hook elsewhere checks `tracing.tracer` first: off, that one check is all there
-is (opentelemetry is never imported, no span is made). On Redis a send's W3C traceparent reaches the
-other instances as a `tp` event published just before its message, which instances not tracing skip.
+is (Tandem imports no opentelemetry module, makes no span). On Redis a send's W3C traceparent reaches
+the other instances as a `tp` event published just before its message; instances not tracing skip it.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -119,7 +120,7 @@ def setup(dotenv: Path | None = Path(".env")) -> Tracer | None:
 
             exporter = OTLPSpanExporter()
         else:
-            exporter = ConsoleSpanExporter()
+            exporter = ConsoleSpanExporter(out=sys.stderr)  # stdout is the log's, one JSON object a line
         provider.add_span_processor(BatchSpanProcessor(exporter))
     tracer = Tracer(provider, chosen)
     return tracer

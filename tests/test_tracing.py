@@ -31,7 +31,7 @@ import orjson
 import pytest
 import redis
 import trio
-from helpers import ROOT, SHARED_REDIS_URL, ServerFactory, check_redis, connect, eventually, log_lines
+from helpers import ROOT, SHARED_REDIS_URL, ServerFactory, base_env, check_redis, connect, eventually, log_lines
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -128,7 +128,7 @@ def test_only_the_standard_variables_turn_tracing_on_and_bad_values_stop_the_sta
             tracing.exporters(env)
 
 
-def _opentelemetry_loaded(script: str, env: dict[str, str] | None = None) -> tuple[str, set[str]]:
+def _opentelemetry_loaded(script: str, env: dict[str, str] | None = None) -> tuple[str, set[str], str]:
     """What a fresh process running `script` under `env` (no other OTEL_* variable) prints
     first, and the opentelemetry modules it has loaded by the end."""
     script += "\nimport sys; print(*sorted(m for m in sys.modules if m.split('.')[0] == 'opentelemetry'))\n"
@@ -138,25 +138,31 @@ def _opentelemetry_loaded(script: str, env: dict[str, str] | None = None) -> tup
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     first, _, modules = result.stdout.partition("\n")
-    return first, set(modules.split())
+    return first, set(modules.split()), result.stderr
 
 
-SERVE = "import server, tracing\nprint(tracing.setup() is not None)\ntracing.shutdown()"
+SERVE = (
+    "import server, tracing\n"
+    "print(tracing.setup() is not None)\n"
+    "if tracing.tracer: tracing.tracer.provider.get_tracer('test').start_span('probe').end()\n"
+    "tracing.shutdown()"
+)
 
 
 def test_off_by_default_tandem_imports_no_opentelemetry_module() -> None:
     """redis-py 8 loads opentelemetry's metrics API by itself when it is installed (its own
     opt-in metrics, never turned on here): Tandem must load nothing beyond that."""
-    _, by_redis = _opentelemetry_loaded("import redis\nprint()")
-    on, off = _opentelemetry_loaded(SERVE)
+    _, by_redis, _ = _opentelemetry_loaded("import redis\nprint()")
+    on, off, _ = _opentelemetry_loaded(SERVE)
     assert on == "False" and off == by_redis
     assert not {"opentelemetry.sdk.trace", "opentelemetry.trace.propagation.tracecontext"} & off
-    on, traced = _opentelemetry_loaded(SERVE, {"OTEL_TRACES_EXPORTER": "console"})
+    on, traced, stderr = _opentelemetry_loaded(SERVE, {"OTEL_TRACES_EXPORTER": "console"})
+    assert '"name": "probe"' in stderr  # the console exporter writes there: stdout is the log's (the first line here)
     assert on == "True" and "opentelemetry.sdk.trace" in traced - by_redis
 
 
 def test_the_server_refuses_to_start_on_an_otel_value_it_cannot_serve(tmp_path: Path) -> None:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    clean = {k: v for k, v in base_env().items() if not k.startswith("OTEL_")}
     env = {**clean, "OTEL_TRACES_EXPORTER": "zipkin", "DATA_DIR": str(tmp_path), "PORT": "0"}
     result = subprocess.run(
         [sys.executable, str(ROOT / "server.py")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
