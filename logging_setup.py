@@ -329,6 +329,15 @@ def setup(config: Config, stream: TextIO | None = None) -> Pipeline:
     return pipeline
 
 
+def code_pseudonym(code: str) -> str:
+    """A session code as every log line shows it (`code-` and 16 hex digits of its keyed hash), for
+    other outputs that must not show codes either (traces). Without a pipeline (tests), a process key."""
+    return (_installed.redactor if _installed is not None else _unpiped).code(code)
+
+
+_unpiped = Redactor("hash", secrets.token_bytes(32))  # code_pseudonym's hashes before `setup`
+
+
 def set_hash_key(key: bytes) -> None:
     """Key the hashes of the pipeline `setup` installed with `key` (e.g. one shared by
     every instance through Redis, when HASH_KEY is unset); lines already written keep theirs.

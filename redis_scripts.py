@@ -47,7 +47,9 @@ local function clients(s, ids)
 end
 -- Publish an event on the session's shard channel as its fields, kind first
 -- (redis_store.parse_event): m|seq|ts|from|data, a|clients, p|client_id|0 or 1,
--- l|client_id, t|client_id|conn_id, e|reason.
+-- l|client_id, t|client_id|conn_id, e|reason; with tracing on, tp|seq|traceparent
+-- just before the m of that seq (tracing.py; parse_event, and so an instance
+-- not tracing, skips it).
 local function emit(...)
   redis.call('SPUBLISH', KEYS[3], table.concat({...}, '|'))
 end
@@ -129,13 +131,14 @@ return out
 """
 
 # KEYS[5..]: rate-limit keys. ARGV: client_id, conn_id, data, idle_ms, grace,
-# history_size, mid ('' for none), then (limit, window_ms) per rate-limit key.
+# history_size, mid ('' for none), then (limit, window_ms) per rate-limit key,
+# then (with tracing on) the send's W3C traceparent, published as `tp` before the message.
 # Returns {seq}, {seq, 1} (a duplicate `mid`: nothing stored or counted),
 # {-1} (no such session or member) or {-9, retry_ms, key index}.
 # A history entry (and a message event's fields) is seq|ts|from|#mid|mid|data.
 _APPEND = """
 local now = now_ms()
-local cid, mid = ARGV[1], ARGV[7]
+local cid, mid, traceparent = ARGV[1], ARGV[7], ARGV[2 * #KEYS]
 local v = redis.call('HMGET', KEYS[1], 'idle_at', 'ttl_at', 'o:' .. cid)
 if not v[1] or tonumber(v[1]) <= now or tonumber(v[2]) <= now or v[3] ~= ARGV[2] then return {-1} end
 if mid ~= '' then
@@ -175,6 +178,7 @@ if length > size then
   redis.call('HSET', KEYS[1], 'trim', int(seq - size))
 end
 refresh(KEYS[1], KEYS[2], idle_at, tonumber(v[2]), tonumber(ARGV[5]))
+if traceparent and traceparent ~= '' then emit('tp', int(seq), traceparent) end
 emit('m', entry)
 return {seq}
 """

@@ -27,6 +27,7 @@ import trio
 from prometheus_client.registry import CollectorRegistry
 
 import redis_client
+import tracing
 from limiter import LimitKey, RedisLimiter, rate_limited, redis_key
 from protocol import CODE_ALPHABET, ClientError, ErrorCode, Member, ServerError
 from redis_instances import Instances
@@ -116,7 +117,7 @@ class RedisStore(SessionStore):
         self._ack_timeout_ms = round(ack_timeout * 1000)
         self._scripts = {name: redis_client.Script(body) for name, body in SCRIPTS.items()}
         self._layout_checked = 0.0  # when a cluster's slot map was last refreshed
-        self.writer = GroupCommit(self._execute, dispatch, abandon_on_cancel=True)
+        self.writer = GroupCommit(self._execute, dispatch, abandon_on_cancel=True, backend=self.backend)
         self.limiter = RedisLimiter(connector, fail_closed=fail_closed)
         self.listener = Listener(connector, self._event, self._replay)
         self.instances = Instances(connector, self._reaped, lambda: dispatch(Evicted()))
@@ -383,6 +384,8 @@ class RedisStore(SessionStore):
         for k in folded:
             keys.append(f"tandem:{{{code}}}:rl:{k.rule.name}:{k.key}" if k.per_session else redis_key(k.rule, k.key))
             args += [k.rule.limit, round(k.rule.window * 1000)]
+        if tracing.tracer is not None:  # the send's trace context, published before the message
+            args.append(tracing.tracer.traceparent())
         result = await self.writer.call(_Script("append", keys, args))
         if result[0] == -1:
             raise not_found()

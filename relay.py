@@ -25,6 +25,7 @@ import trio
 import lifecycle
 import logging_setup
 import protocol
+import tracing
 from auth import Authenticator, Identity
 from config import Config
 from limiter import Limiter, LimitKey, Limits, Pseudonyms, Rule, rate_limited
@@ -420,7 +421,10 @@ class Connection:
                         protocol.reject_binary()
                     request = protocol.parse_request(received, max_bytes)
                     with trio.CancelScope(shield=True):  # a request runs to its reply
-                        await self._handle(request)
+                        if tracing.tracer is None:
+                            await self._handle(request)
+                        else:  # in a span (tracing.py)
+                            await tracing.tracer.request(self, request, self._handle)
                     if not isinstance(request, protocol.Ping | protocol.Hello):  # nor do these between failures
                         errors_in_row = 0
                 except protocol.FrameRejected as exc:

@@ -58,6 +58,7 @@ import logging_setup
 import metrics
 import protocol
 import static_files
+import tracing
 from archive import Recorder, open_archive
 from config import Config
 from limiter import IPV6_SITE, Decision, Limiter, Limits, Pseudonyms, Rule, SocketCount, client_ip
@@ -447,6 +448,7 @@ async def _serve(config: Config, signals: AsyncIterator[int]) -> None:
                 "addresses": binds,
                 "metrics_address": metrics_address,
                 "data_dir": str(config.data_dir),
+                "tracing": tracing.tracer.exporters if tracing.tracer is not None else "off",
             }
             log.info("server.listening", extra={"fields": fields})
 
@@ -569,6 +571,7 @@ def main() -> int:
         return 2
     try:
         config = config_module.load()
+        tracing.setup()  # OpenTelemetry, when the OTEL_* variables ask for it (README "Tracing")
     except config_module.ConfigError as exc:
         print(f"tandem: {exc}", file=sys.stderr)
         return 2
@@ -600,6 +603,7 @@ def main() -> int:
             return 2
         return 0
     finally:
+        tracing.shutdown()  # exports the spans left
         pipeline.stop()
 
 

@@ -21,6 +21,7 @@ import trio
 from prometheus_client.registry import CollectorRegistry
 
 import protocol
+import tracing
 from limiter import Limiter, LimitKey
 from protocol import ClientError, ErrorCode, Member, ServerError
 
@@ -387,7 +388,8 @@ class SessionStore(ABC):
 class Op:
     """One queued store operation, and then its outcome."""
 
-    __slots__ = ("done", "error", "events", "payload", "result")
+    __slots__ = ("done", "error", "events", "payload", "result", "trace")
+    trace: Any  # the span context of the request that queued it: set by tracing.py only while tracing is on
 
     def __init__(self, payload: Any) -> None:
         self.payload = payload
@@ -412,8 +414,11 @@ class GroupCommit:
     Operations queue in a bounded channel: a full queue makes callers wait.
     """
 
-    def __init__(self, execute: Callable[[list[Op]], None], dispatch: Dispatch, *, abandon_on_cancel: bool) -> None:
+    def __init__(
+        self, execute: Callable[[list[Op]], None], dispatch: Dispatch, *, abandon_on_cancel: bool, backend: str = ""
+    ) -> None:
         self._execute = execute
+        self.backend = backend  # "sqlite" or "redis", for traces
         self._dispatch = dispatch
         self._abandon = abandon_on_cancel
         self._send, self._receive = trio.open_memory_channel[Op](OP_QUEUE_SIZE)
@@ -430,6 +435,8 @@ class GroupCommit:
                         batch.append(self._receive.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
+                tracer = tracing.tracer  # None: tracing is off
+                span = None if tracer is None else tracer.batch_started(batch, self.backend)
                 try:
                     await trio.to_thread.run_sync(self._execute, batch, abandon_on_cancel=self._abandon)
                 except trio.Cancelled:
@@ -442,9 +449,14 @@ class GroupCommit:
                 finally:
                     self.batches += 1
                     self.ops += len(batch)
+                    if tracer is not None:
+                        tracer.batch_done(span, batch)
                     for op in batch:
-                        for event in op.events:
-                            self._dispatch(event)
+                        if tracer is None:
+                            for event in op.events:
+                                self._dispatch(event)
+                        else:
+                            tracer.dispatch(op, self._dispatch, self.backend)  # a message in a deliver span
                         op.done.set()
 
     def close(self) -> None:
@@ -452,6 +464,8 @@ class GroupCommit:
 
     async def call(self, payload: Any) -> Any:
         op = Op(payload)
+        if tracing.tracer is not None:
+            tracing.tracer.queued(op)  # carries the request's span context to the batch
         try:
             await self._send.send(op)
         except (trio.ClosedResourceError, trio.BrokenResourceError):

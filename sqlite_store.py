@@ -115,7 +115,7 @@ class SqliteStore(SessionStore):
         self._ttl_ms = ttl_ms
         # Not abandoned on cancel: a commit in flight finishes, so that an op
         # reported done is durable and an acked message is stored.
-        self.writer = GroupCommit(self._execute, dispatch, abandon_on_cancel=False)
+        self.writer = GroupCommit(self._execute, dispatch, abandon_on_cancel=False, backend=self.backend)
         self.limiter: MemoryLimiter = MemoryLimiter()
         # The admin API's reads: a read-only connection of their own (WAL lets it read
         # beside the writer), so a listing never delays a commit. `open` sets it.
