@@ -1,11 +1,12 @@
 """Tandem's settings: one frozen, typed Config, built once at start-up by load().
 
 Each Config field is its setting's one entry (default, parser with unit and bounds, doc): load() reads
-the environment and `.env` with them, and README's table and .env.example are printed from them.
+the environment and `.env` with them, and docs/configuration.md's table and .env.example are printed from them.
 """
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit
 
+import mailer
 import protocol
 
 T = TypeVar("T")
@@ -174,6 +176,50 @@ def _secret(raw: str) -> str:
     return _refuse(raw) if len(raw) < 16 else raw
 
 
+def _http_url(raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in raw):
+        raise ValueError(raw)
+    parts.port  # noqa: B018  # raises ValueError on a bad port
+    return raw
+
+
+def _project_url(raw: str) -> str:
+    parts = urlsplit(_http_url(raw))
+    if parts.path.strip("/") or parts.query or parts.fragment:
+        raise ValueError(raw)
+    return raw.rstrip("/")
+
+
+def _jwt_secret(raw: str) -> str:
+    return _refuse(raw) if len(raw) < 32 else raw
+
+
+def _words(raw: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+def _motd(raw: str) -> str:
+    return _refuse(raw) if len(raw) > 1000 or not raw.isprintable() else raw
+
+
+def _smtp_url(raw: str) -> str:
+    mailer.smtp_endpoint(raw)  # raises ValueError
+    return raw
+
+
+def _email_from(raw: str) -> str:
+    mailer.sender(raw)  # raises ValueError
+    return raw
+
+
+def _public_url(raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ValueError(raw)
+    return _host(raw).rstrip("/")
+
+
 def _address(raw: str) -> str:
     host, sep, port = raw.rpartition(":")
     if not sep or not host or not 1 <= int(port) <= 65535 or any(c.isspace() for c in raw):
@@ -200,8 +246,31 @@ REDIS_URL = Kind(
 POSTGRES_URL = Kind(
     _database_url, "url", "a postgresql:// URL such as postgresql://user@host:5432/tandem", mask=_mask_password
 )
-SECRET = Kind(_secret, "secret", "a secret of at least 16 characters", "at least 16 characters")
+SECRET = Kind(
+    _secret,
+    "secret",
+    "a secret of at least 16 characters",
+    "at least 16 characters",
+    mask=lambda raw: f"<{len(raw)} characters>",  # a refused secret is never echoed
+)
+HTTP_URL = Kind(_http_url, "url", "an http:// or https:// URL", mask=_mask_password)
+PROJECT_URL = Kind(_project_url, "url", "a project URL such as https://abcdefgh.supabase.co (no path)")
+JWT_SECRET = Kind(
+    _jwt_secret,
+    "secret",
+    "a secret of at least 32 characters",
+    "at least 32 characters",
+    mask=lambda raw: f"<{len(raw)} characters>",
+)
+ISSUER = Kind(_host, "text", "text without spaces, such as https://issuer.example.com")
+WORDS = Kind(_words, "list", "a comma-separated list", "comma-separated")
+MOTD = Kind(_motd, "text", "printable text of at most 1000 characters", "at most 1000 characters")
 LISTEN_ADDRESS = Kind(_address, "address", "HOST:PORT such as 127.0.0.1:9464", "`HOST:PORT`")
+SMTP_URL = Kind(_smtp_url, "url", "smtp://[user:password@]host[:port] or smtps://…", mask=_mask_password)
+EMAIL_FROM = Kind(_email_from, "address", "an address such as invites@example.com or Tandem <invites@example.com>")
+PUBLIC_URL = Kind(
+    _public_url, "url", "an http:// or https:// URL without query or fragment, such as https://pair.example.com"
+)
 
 
 # --- the table --------------------------------------------------------------------------------
@@ -216,7 +285,7 @@ def setting(default: T, kind: Kind[T], doc: str, *, section: str = "", secret: b
 @dataclass(frozen=True, slots=True)
 class Config:
     """Every setting; its environment variable is the field's name in capitals. After a change, regenerate
-    .env.example and README's table (`python config.py --help`); tests/test_config.py checks both."""
+    .env.example and docs/configuration.md's table (`python config.py --help`); tests/test_config.py checks both."""
 
     host: str = setting("0.0.0.0", HOST_NAME, "address to listen on; `::` for IPv6 and IPv4", section="network")
     port: int = setting(3001, integer(0, 65535, "port"), "TCP port")
@@ -228,6 +297,36 @@ class Config:
     trusted_proxies: tuple[str, ...] = setting(
         (), NETWORKS, "addresses or CIDRs of proxies whose `X-Forwarded-For` names the client, e.g. the load balancer"
     )
+    auth_jwt_secret: str = setting(
+        "",
+        JWT_SECRET,
+        "shared secret of HS256 tokens (a Supabase project's legacy JWT secret); set, authentication is on",
+        section="authentication (protocol 1.1): on when AUTH_JWT_SECRET, AUTH_JWKS_URL or SUPABASE_URL is set",
+        secret=True,
+    )
+    auth_jwks_url: str | None = setting(
+        None,
+        HTTP_URL,
+        "URL of the JSON Web Key Set that verifies RS256, ES256 and EdDSA tokens, fetched and cached; "
+        "set, authentication is on",
+    )
+    supabase_url: str | None = setting(
+        None,
+        PROJECT_URL,
+        "a Supabase project's URL: its JWKS (`/auth/v1/.well-known/jwks.json`), issuer (`/auth/v1`) and "
+        "audience `authenticated`; set, authentication is on",
+    )
+    auth_audience: tuple[str, ...] = setting(
+        (),
+        WORDS,
+        "accepted `aud` values (a token's must include one); empty: not checked (Supabase: `authenticated`)",
+    )
+    auth_issuer: str = setting("", ISSUER, "the required `iss`; empty: not checked (Supabase: the project's)")
+    auth_leeway: float = setting(30.0, seconds(0, 300), "clock skew allowed on `exp` and `nbf`")
+    auth_timeout: float = setting(
+        10.0, seconds(0.1, 600), "time a new WebSocket has to authenticate before it is closed with 1008"
+    )
+    motd: str = setting("", MOTD, "a message of the day, sent in `welcome`; empty: none")
     max_message_bytes: int = setting(
         protocol.DEFAULT_MAX_MESSAGE_BYTES,
         integer(256, 16 * 2**20, "bytes"),
@@ -244,7 +343,7 @@ class Config:
     code_length: int = setting(
         8,
         integer(8, protocol.MAX_CODE_CHARS, "characters"),
-        'characters in a session code; the 6 the protocol allows fall to guessing within hours (README "Security")',
+        "characters in a session code; the 6 the protocol allows fall to guessing within hours (docs/security.md)",
     )
     ping_interval: float = setting(
         20.0, seconds(0.1, 3600), "time between server pings; a peer silent for `1.5 * PING_INTERVAL + 1` s is dropped"
@@ -300,10 +399,10 @@ class Config:
         0,
         integer(0, 16, "replicas"),
         "an ack waits until this many replicas hold the write too (Redis `WAIT`); 0: the master's write alone "
-        '(README "What an ack promises")',
+        '(docs/setup.md, "What an ack promises")',
     )
     redis_ack_timeout: float = setting(
-        0.5,
+        1.0,
         seconds(0.01, 1.5),
         "how long a write waits for `REDIS_ACK_REPLICAS`; past it the client gets `unavailable` and resends",
     )
@@ -311,8 +410,8 @@ class Config:
         None,
         POSTGRES_URL,
         "`postgresql://user:password@host:5432/dbname`: archive sessions, messages and analytics events "
-        'in PostgreSQL (README "PostgreSQL archive"); empty: no archive',
-        section='PostgreSQL archive (README, "PostgreSQL archive")',
+        'in PostgreSQL (docs/setup.md, "PostgreSQL archive"); empty: no archive',
+        section='PostgreSQL archive (docs/setup.md, "PostgreSQL archive")',
         secret=True,
     )
     migrate_on_start: bool = setting(
@@ -333,7 +432,10 @@ class Config:
         True, FLAG, "`0`: archive message metadata only (seq, sender, size, time), never bodies"
     )
     rate_limit_enabled: bool = setting(
-        True, FLAG, "`0` turns every rate limit off", section="rate limits (COUNT/SECONDS, or off)"
+        True,
+        FLAG,
+        "`0` turns every rate limit off (refused with `SMTP_URL`)",
+        section="rate limits (COUNT/SECONDS, or off)",
     )
     rate_limit_messages_user: tuple[int, float] | None = setting((10, 60.0), RATE, "messages per member")
     rate_limit_messages_ip: tuple[int, float] | None = setting((20, 60.0), RATE, "messages per client address")
@@ -353,8 +455,45 @@ class Config:
         "refuses joins for the rest of the window, though members' own resumes still work",
     )
     rate_limit_api_ip: tuple[int, float] | None = setting((60, 60.0), RATE, "requests to `/api/*` per client address")
+    rate_limit_email_session: tuple[int, float] | None = setting(
+        (5, 86400.0), RATE, "e-mail invitations per session (`POST /api/send-email`); not `off` with `SMTP_URL`"
+    )
+    rate_limit_email_recipient: tuple[int, float] | None = setting(
+        (3, 86400.0),
+        RATE,
+        "e-mail invitations per recipient address (lower case, without a `+tag`), from any session; "
+        "not `off` with `SMTP_URL`",
+    )
     rate_limit_fail_closed: bool = setting(
         False, FLAG, "`1`: while Redis is down, refuse what a limit guards instead of limiting per process"
+    )
+    admin_token: str = setting(
+        "",
+        SECRET,
+        "`/api/debug/*` needs `Authorization: Bearer ADMIN_TOKEN`; empty: the admin API answers 404",
+        section='admin API and e-mail invites (docs/operations.md, "Admin API"; docs/setup.md, "E-mail invites")',
+        secret=True,
+    )
+    smtp_url: str | None = setting(
+        None,
+        SMTP_URL,
+        "the mail server of `POST /api/send-email`: `smtp://[user:password@]host[:port]` (port 587, STARTTLS "
+        "when offered) or `smtps://…` (TLS from the start, port 465); empty: no e-mail invites (404)",
+        secret=True,
+    )
+    smtp_timeout: float = setting(
+        10.0, seconds(0.5, 120), "time one invitation may take to send (connect, TLS, login, delivery); then HTTP 503"
+    )
+    email_from: str | None = setting(
+        None,
+        EMAIL_FROM,
+        "the sender of invitations, `invites@example.com` or `Tandem <invites@example.com>`; required with `SMTP_URL`",
+    )
+    public_url: str | None = setting(
+        None,
+        PUBLIC_URL,
+        "where people open the page, such as `https://pair.example.com`: invitations link to `PUBLIC_URL/#CODE`; "
+        "required with `SMTP_URL`",
     )
     log_level: str = setting(
         "INFO", choice("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"), "least severe records logged", section="logs"
@@ -379,7 +518,7 @@ class Config:
         20_000,
         integer(0, 10_000_000, "sockets"),
         "open WebSockets per process; beyond, HTTP 503 before the upgrade. `0`: no cap",
-        section='hostile clients (README, "Security")',
+        section="hostile clients (docs/security.md)",
     )
     max_sockets_ip: int = setting(
         64,
@@ -430,6 +569,11 @@ class Config:
         "balancers to stop sending clients first; at most half of `SHUTDOWN_GRACE`",
     )
     shutdown_grace: float = setting(10.0, seconds(0.5, 600), "time from SIGTERM/SIGINT to exit")
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Authentication is on exactly when a key source is set (PROTOCOL.md, Authentication)."""
+        return bool(self.auth_jwt_secret or self.auth_jwks_url or self.supabase_url)
 
     @property
     def read_timeout(self) -> float:
@@ -493,6 +637,24 @@ def read_dotenv(path: Path) -> dict[str, str]:
     return values
 
 
+def dotenv_warnings(path: Path) -> list[tuple[int, str, str]]:
+    """(line, key, closest setting) for each key of a .env file that looks meant
+    for Tandem but is not a setting: a misspelt name (`PROT`) or `TANDEM_…`.
+    Other keys (a .env shared with other tools) are left alone."""
+    if not path.is_file():
+        return []
+    names = [s.name for s in SETTINGS]
+    found = []
+    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        key = raw.strip().removeprefix("export ").partition("=")[0].strip()
+        if not key or key.startswith("#") or key in names:
+            continue
+        close = difflib.get_close_matches(key.upper().removeprefix("TANDEM_"), names, n=1, cutoff=0.75)
+        if close or key.upper().startswith("TANDEM"):
+            found.append((number, key, close[0] if close else ""))
+    return found
+
+
 def load(env: Mapping[str, str] | None = None, dotenv: Path | None = Path(".env")) -> Config:
     """Build the Config from `env` (default: os.environ) over a .env file."""
     merged: dict[str, str] = read_dotenv(dotenv) if dotenv is not None else {}
@@ -508,6 +670,8 @@ def load(env: Mapping[str, str] | None = None, dotenv: Path | None = Path(".env"
             f"{config.pre_drain_delay:g}",
             f"seconds from 0 to half of SHUTDOWN_GRACE ({config.shutdown_grace / 2:g})",
         )
+    _check_auth(config)
+    _check_email(config)
     if config.send_queue_bytes < config.max_message_bytes * 2:
         raise ConfigError(
             "SEND_QUEUE_BYTES",
@@ -517,18 +681,51 @@ def load(env: Mapping[str, str] | None = None, dotenv: Path | None = Path(".env"
     return config
 
 
+AUTH_KEY_SOURCES = "AUTH_JWT_SECRET, AUTH_JWKS_URL or SUPABASE_URL"
+
+
+def _check_auth(config: Config) -> None:
+    """Authentication settings that contradict each other, or that would do nothing."""
+    if config.auth_jwks_url is not None and config.supabase_url is not None:
+        raise ConfigError(
+            "AUTH_JWKS_URL", _mask_password(config.auth_jwks_url), "empty when SUPABASE_URL is set (it names the JWKS)"
+        )
+    if config.auth_enabled:
+        return
+    for name in ("AUTH_AUDIENCE", "AUTH_ISSUER", "AUTH_LEEWAY", "AUTH_TIMEOUT"):
+        value = getattr(config, name.lower())
+        if value != getattr(DEFAULTS, name.lower()):  # set by an operator who expects authentication: it is off
+            shown = _show(value)
+            raise ConfigError(name, shown, f"{AUTH_KEY_SOURCES} to be set as well (without one authentication is off)")
+
+
+def _check_email(config: Config) -> None:
+    """With SMTP_URL: a sender, a page to link to, and every limit of `/api/send-email` on,
+    so that Tandem can never be used to relay spam."""
+    if config.smtp_url is None:
+        return
+    for name in ("EMAIL_FROM", "PUBLIC_URL"):
+        if getattr(config, name.lower()) is None:
+            raise ConfigError(name, "", "a value when SMTP_URL is set")
+    if not config.rate_limit_enabled:
+        raise ConfigError("RATE_LIMIT_ENABLED", "0", "1 when SMTP_URL is set (the e-mail limits stop spam)")
+    for name in ("RATE_LIMIT_API_IP", "RATE_LIMIT_EMAIL_SESSION", "RATE_LIMIT_EMAIL_RECIPIENT"):
+        if getattr(config, name.lower()) is None:
+            raise ConfigError(name, "off", "COUNT/SECONDS when SMTP_URL is set (the e-mail limits stop spam)")
+
+
 # --- the generated documents ----------------------------------------------------------------------
 
 ENV_HEADER = """\
 # Tandem's settings, each at its default. Copy to `.env` in the directory the server runs from (the
 # environment wins over the file) and change what you need; an empty value means the default. A bad
-# value stops the server with exit code 2 and one line naming the setting. README "Configuration" has
+# value stops the server with exit code 2 and one line naming the setting. docs/configuration.md has
 # the same list as a table; both are printed by config.py (--env-example, --markdown): edit it there.
 """
 
 
 def markdown() -> str:
-    """README's settings table."""
+    """The settings table of docs/configuration.md."""
     lines = ["| setting | default | meaning |", "| --- | --- | --- |"]
     for s in SETTINGS:
         shown = s.kind.show(s.default)
@@ -553,6 +750,7 @@ def env_example() -> str:
 if __name__ == "__main__":
     outputs = {"--markdown": markdown, "--env-example": env_example}
     if len(sys.argv) != 2 or sys.argv[1] not in outputs:
-        print("usage: python config.py --markdown (README's table) | --env-example (> .env.example)", file=sys.stderr)
+        usage = "usage: python config.py --markdown (docs/configuration.md) | --env-example (> .env.example)"
+        print(usage, file=sys.stderr)
         sys.exit(2)
     sys.stdout.write(outputs[sys.argv[1]]())

@@ -218,6 +218,14 @@ def is_loopback(address: str) -> bool:
     return ip.is_loopback
 
 
+def from_loopback(scope: Scope, client_ip: Callable[[Scope], str]) -> bool:
+    """A request from this host: its socket's peer is loopback and, through a
+    trusted proxy, so is the client the proxy names. The peer is checked too,
+    because a peer in TRUSTED_PROXIES (a pod in a private range) could name
+    127.0.0.1 in X-Forwarded-For."""
+    return is_loopback(_peer(scope)) and is_loopback(client_ip(scope))
+
+
 def _same_host(a: str, b: str) -> bool:
     try:
         return ipaddress.ip_address(a.strip("[]")) == ipaddress.ip_address(b.strip("[]"))
@@ -343,7 +351,7 @@ class Health:
             return _unauthorized(
                 401, "/metrics needs Authorization: Bearer METRICS_TOKEN", {"WWW-Authenticate": "Bearer"}
             )
-        if is_loopback(self.client_ip(request.scope)):
+        if from_loopback(request.scope, self.client_ip):
             return None
         return _unauthorized(403, "/metrics is served to loopback clients only (see METRICS_TOKEN, METRICS_ADDRESS)")
 

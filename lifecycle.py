@@ -89,6 +89,13 @@ class SessionExpired:
 
 
 @dataclass(frozen=True, slots=True)
+class SessionEnded:
+    """An operator ended the session (admin API): its members got `session:expired` "ended"."""
+
+    code: str
+
+
+@dataclass(frozen=True, slots=True)
 class MessageAcked:
     """A message was stored and acknowledged; `seconds` from reading it to the ack."""
 
@@ -117,6 +124,7 @@ LifecycleEvent = (
     | AttemptFailed
     | MemberLeft
     | SessionExpired
+    | SessionEnded
     | MessageAcked
     | RequestFailed
 )
@@ -158,6 +166,8 @@ def logged(event: LifecycleEvent) -> None:
             log.info("session.ended", extra={"fields": {"conn": conn, "session": code, "reason": "left"}})
         case SessionExpired(code, reason):
             log.info("session.expired", extra={"fields": {"session": code, "reason": reason}})
+        case SessionEnded(code):
+            log.info("session.ended", extra={"fields": {"session": code, "reason": "ended"}})
 
 
 def archived(archive: Recorder) -> Report:
@@ -191,6 +201,8 @@ def archived(archive: Recorder) -> Report:
                 archive.event("session.left", code, now_ms())
             case SessionExpired(code, reason):
                 archive.session_ended(code, reason, now_ms())
+            case SessionEnded(code):
+                archive.session_ended(code, "ended", now_ms())
 
     return report
 
@@ -213,7 +225,7 @@ def counted(metrics: Metrics) -> Report:
                 metrics.session_events["created"].inc()
             case SessionPaired():
                 metrics.session_events["paired"].inc()
-            case MemberLeft(ended=True):
+            case MemberLeft(ended=True) | SessionEnded():
                 metrics.session_events["ended"].inc()
             case SessionExpired():
                 metrics.session_events["expired"].inc()

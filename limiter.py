@@ -58,6 +58,8 @@ class Limits:
     join_failures_ip: Rule | None = None  # failed joins and resumes per address
     code_failures: Rule | None = None  # failed joins and resumes per code, any address
     api_ip: Rule | None = None
+    email_session: Rule | None = None  # e-mail invitations per session
+    email_recipient: Rule | None = None  # e-mail invitations per recipient address, from any session
 
 
 # IPv6 addresses are counted per block: one subscriber usually holds a /64
@@ -155,6 +157,20 @@ class Pseudonyms:
 
     def code(self, code: str) -> str:
         return self._hash(b"code:", code)
+
+    def user(self, sub: str) -> str:
+        """An authenticated user (a token's `sub`) as a limiter key."""
+        return self._hash(b"user:", sub)
+
+    def recipient(self, address: str) -> str:
+        """An e-mail address as limiter key: in lower case and without a `+tag`, so that
+        `Bob+1@x.org` and `bob+2@x.org` count as the one mailbox they usually are."""
+        local, _, domain = address.lower().rpartition("@")
+        return self._hash(b"email:", f"{local.partition('+')[0]}@{domain}")
+
+    def mac(self, text: str) -> str:
+        """A tag proving this server (or an instance sharing its key) wrote `text`: admin cursors."""
+        return self._hash(b"mac:", text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -407,7 +423,7 @@ class RedisLimiter:
             decision = await redis_client.call(self._call, rule, key, mode, stamp_ms)
         except ServerError as exc:  # an outage (redis_client.DOWN_ERRORS), mapped in one place
             self.fallbacks += 1
-            self.outage.failed(exc.message, fail_closed=self._fail_closed)
+            self.outage.failed(exc.message, fail_closed=self._fail_closed, redis=self._redis.display)
             if self._fail_closed:
                 return Decision(False, 0, 1.0, 1.0)
             match mode:

@@ -225,6 +225,10 @@ class _Listener(QueueListener):
         self._thread = None
 
 
+# The admin API's paths that name a session (its code), as the access log writes them.
+_ADMIN_SESSION_PATH = re.compile(r"^(/api/debug/sessions/)[^/]+")
+
+
 class _AccessLog(logging.Filter):
     """Hypercorn's access record to `http.request` with fields; probes, scrapes and upgrades at DEBUG.
 
@@ -242,7 +246,7 @@ class _AccessLog(logging.Filter):
         record.msg, record.args = "http.request", None
         record.fields = {
             "method": str(atoms["m"]),
-            "path": path,
+            "path": _ADMIN_SESSION_PATH.sub(r"\1{code}", path),  # a code in a path is not logged
             "status": int(status) if status.isdigit() else None,
             "duration_ms": round(int(atoms["D"]) / 1000, 3),
             "ip": host if host != "-" else None,
@@ -323,6 +327,15 @@ def setup(config: Config, stream: TextIO | None = None) -> Pipeline:
     access.propagate = True
     logging.getLogger("hypercorn.error").filters[:] = [_HypercornStartup()]
     return pipeline
+
+
+def code_pseudonym(code: str) -> str:
+    """A session code as every log line shows it (`code-` and 16 hex digits of its keyed hash), for
+    other outputs that must not show codes either (traces). Without a pipeline (tests), a process key."""
+    return (_installed.redactor if _installed is not None else _unpiped).code(code)
+
+
+_unpiped = Redactor("hash", secrets.token_bytes(32))  # code_pseudonym's hashes before `setup`
 
 
 def set_hash_key(key: bytes) -> None:

@@ -46,6 +46,8 @@ RATE_LIMITS = (
     "join_failures_ip",
     "code_failures",
     "api_ip",
+    "email_session",
+    "email_recipient",
     "max_sockets",
     "max_sockets_ip",
 )
@@ -147,9 +149,9 @@ class Metrics:
         self._limited[name].inc()
         self._throttle.log(logging.WARNING, "rate_limit.refused", name, {"limit": name})
 
-    def store_error(self, backend: str, op: str, exc: ServerError) -> None:
+    def store_error(self, backend: str, op: str, exc: ServerError, location: str = "") -> None:
         self.store_errors.labels(backend, op).inc()
-        fields = {"backend": backend, "op": op, "code": str(exc.code), "error": exc.message}
+        fields = {"backend": backend, "store": location, "op": op, "code": str(exc.code), "error": exc.message}
         self._throttle.log(logging.WARNING, "store.error", f"{backend}:{op}:{exc.code}", fields)
 
     def set_sessions(self, counts: dict[str, int]) -> None:
@@ -204,9 +206,10 @@ def _rss_bytes() -> int | None:
 class StoreMetrics:
     """A store's observer (session_store.timed): its operations' latency and failures."""
 
-    def __init__(self, metrics: Metrics, backend: str) -> None:
+    def __init__(self, metrics: Metrics, backend: str, location: str = "") -> None:
         self._metrics = metrics
         self._backend = backend
+        self._location = location
         self._seconds = {op: metrics.store_seconds.labels(backend, op) for op in TIMED_STORE_OPS}
 
     def observe(self, op: str, seconds: float) -> None:
@@ -215,7 +218,7 @@ class StoreMetrics:
             histogram.observe(seconds)
 
     def failed(self, op: str, error: ServerError) -> None:
-        self._metrics.store_error(self._backend, op, error)
+        self._metrics.store_error(self._backend, op, error, self._location)
 
 
 # --- the render cache ----------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Tandem's wire protocol (PROTOCOL.md: version 1, and `mid` of 1.1), sans-IO.
+"""Tandem's wire protocol (PROTOCOL.md: version 1, and 1.1's `mid`, `hello` and `auth`), sans-IO.
 
 Text in, typed requests out; typed server frames in, text out. Nothing here
 does I/O, logs or reads a clock. Errors are typed by whose fault they are and
@@ -15,6 +15,10 @@ from typing import Final, NoReturn
 import orjson
 
 SUBPROTOCOL: Final = "tandem.v1"
+# What `welcome` reports: the protocol version implemented, and this server's
+# version (pyproject.toml's; tests/test_auth_unit.py checks they agree).
+PROTOCOL_VERSION: Final = "1.1"
+SERVER_VERSION: Final = "0.1.0"
 
 # Limits on client input, each with its reason.
 # Default frame limit of PROTOCOL.md: large enough for any chat or edit payload,
@@ -32,6 +36,9 @@ CODE_ALPHABET: Final = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 # client from making the server hash or compare megabytes.
 MAX_CLIENT_ID_CHARS: Final = 64
 MAX_TOKEN_CHARS: Final = 128
+# A JWT in `auth`: an access token with its claims is a few KiB at most; the
+# bound keeps a client from making the server decode megabytes.
+MAX_JWT_CHARS: Final = 16384
 # `last_seq` is a seq, and seqs count messages: 2**53 keeps it exact in every
 # JSON implementation (a JavaScript client's Number).
 MAX_SEQ: Final = 2**53 - 1
@@ -97,6 +104,14 @@ class ClientError(TandemError):
     """The client's fault: a malformed frame, or a request its state forbids."""
 
 
+class AuthError(ClientError):
+    """Authentication failed or is missing: `unauthorized`, with the check that
+    failed as the message (never the token)."""
+
+    def __init__(self, message: str, *, request_id: RequestId = None) -> None:
+        super().__init__(message, ErrorCode.UNAUTHORIZED, request_id=request_id)
+
+
 class ServerError(TandemError):
     """Tandem's fault: a backend is down (`unavailable`) or a bug (`internal`)."""
 
@@ -150,7 +165,18 @@ class Ping:
     id: RequestId
 
 
-Request = CreateSession | JoinSession | ResumeSession | SendMessage | LeaveSession | Ping
+@dataclass(frozen=True, slots=True)
+class Hello:
+    id: RequestId
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticate:
+    id: RequestId
+    token: str  # a JWT; never logged
+
+
+Request = CreateSession | JoinSession | ResumeSession | SendMessage | LeaveSession | Ping | Hello | Authenticate
 
 
 def utf8_length(text: str) -> int:
@@ -298,6 +324,14 @@ def _ping(obj: dict[str, object], request_id: RequestId) -> Request:
     return Ping(request_id)
 
 
+def _hello(obj: dict[str, object], request_id: RequestId) -> Request:
+    return Hello(request_id)
+
+
+def _auth(obj: dict[str, object], request_id: RequestId) -> Request:
+    return Authenticate(request_id, _string(obj, "token", MAX_JWT_CHARS))
+
+
 _PARSERS: Final = {
     "session:create": _create,
     "session:join": _join,
@@ -305,6 +339,8 @@ _PARSERS: Final = {
     "message:send": _send,
     "session:leave": _leave,
     "ping": _ping,
+    "hello": _hello,
+    "auth": _auth,
 }
 
 
@@ -366,6 +402,34 @@ class Pong:
 
 
 @dataclass(frozen=True, slots=True)
+class Limits:
+    """The limits `welcome` reports."""
+
+    max_message_bytes: int
+    history_size: int
+    session_idle_timeout: float  # seconds
+    session_ttl: float  # seconds
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    id: RequestId
+    auth: str  # "none" or "required"
+    limits: Limits
+    time: int  # the server's clock, ms since the Unix epoch
+    motd: str | None = None  # the operator's message of the day
+    protocol: str = PROTOCOL_VERSION
+    server: str = f"tandem/{SERVER_VERSION}"
+
+
+@dataclass(frozen=True, slots=True)
+class AuthOk:
+    id: RequestId
+    user: str  # the token's `sub`
+    expires_at: int  # its `exp`, ms since the Unix epoch
+
+
+@dataclass(frozen=True, slots=True)
 class SessionPaired:
     code: str
     clients: tuple[Member, ...]
@@ -413,6 +477,8 @@ ServerFrame = (
     | MessageAck
     | SessionLeft
     | Pong
+    | Welcome
+    | AuthOk
     | SessionPaired
     | Presence
     | PeerLeft
@@ -496,6 +562,25 @@ def _payload(frame: ServerFrame) -> dict[str, object]:
             return _with_id(frame.id, {"type": "session:left", "code": frame.code})
         case Pong():
             return _with_id(frame.id, {"type": "pong", "ts": frame.ts})
+        case Welcome():
+            welcome: dict[str, object] = {
+                "type": "welcome",
+                "protocol": frame.protocol,
+                "server": frame.server,
+                "auth": frame.auth,
+                "limits": {
+                    "max_message_bytes": frame.limits.max_message_bytes,
+                    "history_size": frame.limits.history_size,
+                    "session_idle_timeout": frame.limits.session_idle_timeout,
+                    "session_ttl": frame.limits.session_ttl,
+                },
+                "time": frame.time,
+            }
+            if frame.motd is not None:
+                welcome["motd"] = frame.motd
+            return _with_id(frame.id, welcome)
+        case AuthOk():
+            return _with_id(frame.id, {"type": "auth:ok", "user": frame.user, "expires_at": frame.expires_at})
         case SessionPaired():
             return {"type": "session:paired", "code": frame.code, "clients": _clients(frame.clients)}
         case Presence():

@@ -36,12 +36,15 @@ IP_KEYS = frozenset({"ip", "client_ip", "remote_addr", "peer_ip"})
 # and error codes (`not_found`): those are kept.
 CODE_KEYS = frozenset({"session", "code", "session_code"})
 ERROR_CODES = frozenset(str(code) for code in ErrorCode)
-# The server's own listening addresses: configuration, not client addresses.
-VERBATIM_KEYS = frozenset({"addresses", "metrics_address"})
+# The server's own addresses (where it listens, its page's URL, its store):
+# configuration, not client addresses. Passwords in them are masked before logging.
+VERBATIM_KEYS = frozenset({"addresses", "metrics_address", "url", "store", "redis"})
 REDACTED = "[redacted]"
 
 _URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)([^\s/@:]*):([^\s/@]*)@")
 _AUTH_SCHEME = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{6,}")
+# A JWT (base64url `{"...` header, payload, signature): hidden whole, short or long.
+_JWT = re.compile(r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 _QUERY_SECRET = re.compile(r"(?i)([?&;](?:access_token|token|api_key|key|secret|password|auth|signature|sig)=)[^&\s#]*")
 _EMAIL = re.compile(
     r"(?<![\w.+-])([A-Za-z0-9])[A-Za-z0-9._%+-]*@([A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)+)"
@@ -169,8 +172,8 @@ class Redactor:
         if isinstance(fields, Mapping):
             for raw_key, value in fields.items():
                 key = str(raw_key)
-                if key in VERBATIM_KEYS:
-                    line[key] = value
+                if key in VERBATIM_KEYS:  # addresses kept; a password in a URL never
+                    line[key] = _URL_USERINFO.sub(r"\1\2:***@", value) if isinstance(value, str) else value
                 else:
                     line[f"{key}_" if key in LINE_KEYS else key] = self.field(key, value)
         if record.exc_info and record.exc_info[1] is not None:
@@ -182,9 +185,10 @@ class Redactor:
 
 
 def hide_credentials(text: str) -> str:
-    """URL passwords, auth headers and secret query parameters hidden: for text that is not a log line."""
+    """URL passwords, auth headers, JWTs and secret query parameters hidden: for text that is not a log line."""
     text = _URL_USERINFO.sub(r"\1\2:***@", text)
     text = _AUTH_SCHEME.sub(r"\1 " + REDACTED, text)
+    text = _JWT.sub(REDACTED, text) if "eyJ" in text else text
     return _QUERY_SECRET.sub(r"\1" + REDACTED, text)
 
 

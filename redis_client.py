@@ -19,9 +19,10 @@ from typing import Any, TypeVar
 import redis
 import redis.cluster
 import trio
-from redis.backoff import NoBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
+import config
 from config import seed_urls
 from protocol import ErrorCode, ServerError
 
@@ -77,7 +78,12 @@ def _cluster_client(url: str) -> redis.cluster.RedisCluster:
     seeds = [redis.connection.parse_url(seed) for seed in seed_urls(url)]  # type: ignore[no-untyped-call]
     nodes = [redis.cluster.ClusterNode(s["host"], s.get("port", 6379)) for s in seeds]  # type: ignore[no-untyped-call]
     shared = {k: v for k, v in seeds[0].items() if k not in ("host", "port", "db")}
-    return redis.cluster.RedisCluster(startup_nodes=nodes, **shared, **_options())
+    # The cluster client itself may retry (after a failed node it learns the
+    # layout again and tries the slot's new master): what goes through it is
+    # idempotent or a rate-limit count. Scripts that must not run twice go
+    # through plain pipelines on the node (RedisStore._execute), which never retry.
+    options = _options() | {"retry": Retry(ExponentialBackoff(cap=0.25, base=0.05), 2)}
+    return redis.cluster.RedisCluster(startup_nodes=nodes, **shared, **options)
 
 
 class Connector:
@@ -97,6 +103,11 @@ class Connector:
         self._client = client
         self._lock = threading.Lock()
         self._next_attempt = 0.0
+
+    @property
+    def display(self) -> str:
+        """REDIS_URL as logs may show it: the password masked."""
+        return config.REDIS_URL.mask(self._url)
 
     @classmethod
     def of(cls, client: Client) -> Connector:

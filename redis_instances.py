@@ -24,7 +24,7 @@ log = logging.getLogger("tandem.redis")
 INSTANCES_KEY = "tandem:instances"
 # A heartbeat this often; an instance silent for DEAD_AFTER_S is dead. A
 # member of a dead instance is offline, and its peer told, within about
-# DEAD_AFTER_S + HEARTBEAT_S (README, "Redis mode": under 10 s).
+# DEAD_AFTER_S + HEARTBEAT_S (docs/architecture.md, "Redis mode internals": under 10 s).
 HEARTBEAT_S = 2.0
 DEAD_AFTER_S = 6.0
 # The instances' keys outlive the last beat this long, for a reaper that comes
@@ -33,8 +33,8 @@ DEAD_AFTER_S = 6.0
 MEMBERS_TTL_S = 400 * 86400
 
 # KEYS: the instances (one key: on a cluster a script's keys share one slot).
-# ARGV: id, members TTL (s), "1" for the first beat. Returns 1, or 0 when a later beat found the entry
-# gone (this instance was reaped): it is put back.
+# ARGV: id, members TTL (s), "1" for the first beat. Returns 1, or 0 when a
+# later beat found the entry gone (this instance was reaped): it is put back.
 _HEARTBEAT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)

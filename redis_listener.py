@@ -24,6 +24,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 import redis_client
+import tracing
 from logging_setup import Outage
 from protocol import ServerError
 from redis_scripts import channel, parse_event
@@ -77,6 +78,7 @@ class Listener:
         self._waiters: dict[str, list[trio.Event]] = {}
         self._watchers: dict[str, int] = {}  # codes watched, by members connected here
         self._changes: queue.SimpleQueue[None] = queue.SimpleQueue()
+        self.traces: dict[str, tuple[int, str]] = {}  # tracing.py: code -> (seq, traceparent) of the next message
         self._stop = threading.Event()
         self.stats = ListenerStats()
         self.healthy = False  # connected and subscribed
@@ -133,7 +135,7 @@ class Listener:
                 )
             except RECONNECT_ERRORS as exc:
                 self.stats.reconnects += 1
-                self._outage.failed(type(exc).__name__)
+                self._outage.failed(type(exc).__name__, redis=self.redis.display)
             except Exception:
                 self.stats.restarts += 1
                 log.exception("redis.listener_crashed")
@@ -271,7 +273,9 @@ class Listener:
             self.stats.received += 1
             code = _code_of(name)
             parsed = parse_event(code, message["data"])
-            if parsed is not None:
+            if tracing.tracer is not None:  # a message's trace context comes just before it
+                tracing.tracer.published(self.traces, code, message["data"], parsed, self._dispatch)
+            elif parsed is not None:
                 self._dispatch(parsed)
 
 

@@ -47,7 +47,9 @@ local function clients(s, ids)
 end
 -- Publish an event on the session's shard channel as its fields, kind first
 -- (redis_store.parse_event): m|seq|ts|from|data, a|clients, p|client_id|0 or 1,
--- l|client_id, t|client_id|conn_id, e|reason.
+-- l|client_id, t|client_id|conn_id, e|reason; with tracing on, tp|seq|traceparent
+-- just before the m of that seq (tracing.py; parse_event, and so an instance
+-- not tracing, skips it).
 local function emit(...)
   redis.call('SPUBLISH', KEYS[3], table.concat({...}, '|'))
 end
@@ -72,18 +74,20 @@ end
 
 # KEYS: session hash, history list, channel, mids (redis_scripts.session_keys).
 # ARGV per script below.
-# ARGV: client_id, token_hash, conn_id, idle_ms, ttl_ms, grace
+# A member's authenticated `sub` is the field 'u:<client_id>' (none with authentication off).
+# ARGV: client_id, token_hash, conn_id, idle_ms, ttl_ms, grace, user ('' for none)
 _CREATE = """
 local now = now_ms()
 if redis.call('EXISTS', KEYS[1]) == 1 then return {0} end
 local idle_at, ttl_at = now + tonumber(ARGV[4]), now + tonumber(ARGV[5])
 redis.call('HSET', KEYS[1], 'created', int(now), 'idle_at', int(idle_at), 'ttl_at', int(ttl_at),
   'seq', 0, 'trim', 0, 'r', ARGV[1], 'm:' .. ARGV[1], ARGV[2], 'o:' .. ARGV[1], ARGV[3])
+if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'u:' .. ARGV[1], ARGV[7]) end
 refresh(KEYS[1], KEYS[2], idle_at, ttl_at, tonumber(ARGV[6]))
 return {1, math.min(idle_at, ttl_at)}
 """
 
-# ARGV: client_id, token_hash, conn_id, idle_ms, grace
+# ARGV: client_id, token_hash, conn_id, idle_ms, grace, user ('' for none)
 _JOIN = """
 local now = now_ms()
 local v = alive(KEYS[1], now)
@@ -94,6 +98,7 @@ ids[#ids + 1] = ARGV[1]
 local idle_at = now + tonumber(ARGV[4])
 redis.call('HSET', KEYS[1], 'r', table.concat(ids, ','), 'm:' .. ARGV[1], ARGV[2], 'o:' .. ARGV[1], ARGV[3],
   'idle_at', int(idle_at))
+if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'u:' .. ARGV[1], ARGV[6]) end
 refresh(KEYS[1], KEYS[2], idle_at, tonumber(v[2]), tonumber(ARGV[5]))
 local members = clients(KEYS[1], ids)
 if #ids == 2 then emit('a', members) end
@@ -102,7 +107,7 @@ for _, entry in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do out[#out + 1] = 
 return out
 """
 
-# ARGV: client_id, token_hash, conn_id, idle_ms, grace, last_seq
+# ARGV: client_id, token_hash, conn_id, idle_ms, grace, last_seq, user ('' for none: not checked)
 _RESUME = """
 local now = now_ms()
 local v = alive(KEYS[1], now)
@@ -110,6 +115,7 @@ if not v then return {-1} end
 local cid = ARGV[1]
 local token = redis.call('HGET', KEYS[1], 'm:' .. cid)
 if not token or token ~= ARGV[2] then return {-4} end
+if ARGV[7] ~= '' and redis.call('HGET', KEYS[1], 'u:' .. cid) ~= ARGV[7] then return {-4} end
 local previous = redis.call('HGET', KEYS[1], 'o:' .. cid)
 local idle_at = now + tonumber(ARGV[4])
 redis.call('HSET', KEYS[1], 'o:' .. cid, ARGV[3], 'idle_at', int(idle_at))
@@ -125,18 +131,25 @@ return out
 """
 
 # KEYS[5..]: rate-limit keys. ARGV: client_id, conn_id, data, idle_ms, grace,
-# history_size, mid ('' for none), then (limit, window_ms) per rate-limit key.
+# history_size, mid ('' for none), then (limit, window_ms) per rate-limit key,
+# then (with tracing on) the send's W3C traceparent, published as `tp` before the message.
 # Returns {seq}, {seq, 1} (a duplicate `mid`: nothing stored or counted),
 # {-1} (no such session or member) or {-9, retry_ms, key index}.
 # A history entry (and a message event's fields) is seq|ts|from|#mid|mid|data.
 _APPEND = """
 local now = now_ms()
-local cid, mid = ARGV[1], ARGV[7]
+local cid, mid, traceparent = ARGV[1], ARGV[7], ARGV[2 * #KEYS]
 local v = redis.call('HMGET', KEYS[1], 'idle_at', 'ttl_at', 'o:' .. cid)
 if not v[1] or tonumber(v[1]) <= now or tonumber(v[2]) <= now or v[3] ~= ARGV[2] then return {-1} end
 if mid ~= '' then
   local stored = redis.call('HGET', KEYS[4], cid .. '|' .. mid)
-  if stored then return {tonumber(stored), 1} end
+  if stored then
+    -- A resend is activity; its write also makes a WAIT after it cover the original's.
+    local idle_at = now + tonumber(ARGV[4])
+    redis.call('HSET', KEYS[1], 'idle_at', int(idle_at))
+    refresh(KEYS[1], KEYS[2], idle_at, tonumber(v[2]), tonumber(ARGV[5]))
+    return {tonumber(stored), 1}
+  end
 end
 for i = 5, #KEYS do
   local limit, window = tonumber(ARGV[2 * i - 2]), tonumber(ARGV[2 * i - 1])
@@ -165,6 +178,7 @@ if length > size then
   redis.call('HSET', KEYS[1], 'trim', int(seq - size))
 end
 refresh(KEYS[1], KEYS[2], idle_at, tonumber(v[2]), tonumber(ARGV[5]))
+if traceparent and traceparent ~= '' then emit('tp', int(seq), traceparent) end
 emit('m', entry)
 return {seq}
 """
@@ -184,7 +198,7 @@ if #rest == 0 then
 end
 drop_limits(KEYS[1], cid)
 redis.call('HSET', KEYS[1], 'r', table.concat(rest, ','))
-redis.call('HDEL', KEYS[1], 'm:' .. cid, 'o:' .. cid)
+redis.call('HDEL', KEYS[1], 'm:' .. cid, 'o:' .. cid, 'u:' .. cid)
 emit('l', cid)
 return 0
 """
@@ -231,6 +245,38 @@ end
 return out
 """
 
+# The admin API's view of a live session: {created, expires_at, seq, clients,
+# then each member's user ('' for none)} (clients as "client_id:1,client_id:0"),
+# or nothing when there is none.
+_INFO = """
+local v = alive(KEYS[1], now_ms())
+if not v then return {} end
+local ids = split(v[5])
+local out = {tonumber(redis.call('HGET', KEYS[1], 'created')), math.min(tonumber(v[1]), tonumber(v[2])),
+  tonumber(v[3]), clients(KEYS[1], ids)}
+for _, id in ipairs(ids) do out[#out + 1] = redis.call('HGET', KEYS[1], 'u:' .. id) or '' end
+return out
+"""
+
+# An operator ends a live session: like expiry, with reason "ended". 1, or 0 when there is none.
+_END = """
+if not alive(KEYS[1], now_ms()) then return 0 end
+drop_limits(KEYS[1], nil)
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[4])
+emit('e', 'ended')
+return 1
+"""
+
+# ARGV: client_id, token_hash, user ('' for none: not checked). A member's
+# credentials, checked without a change: 1, -1 (no live session) or -4 (wrong
+# client_id or token, or another user's member).
+_MEMBER = """
+if not alive(KEYS[1], now_ms()) then return -1 end
+if redis.call('HGET', KEYS[1], 'm:' .. ARGV[1]) ~= ARGV[2] then return -4 end
+if ARGV[3] ~= '' and redis.call('HGET', KEYS[1], 'u:' .. ARGV[1]) ~= ARGV[3] then return -4 end
+return 1
+"""
+
 SCRIPTS = {
     name: LUA_WINDOW_FUNCTIONS + _LUA_COMMON + body
     for name, body in {
@@ -243,6 +289,9 @@ SCRIPTS = {
         "expire": _EXPIRE,
         "history": _HISTORY,
         "state": _STATE,
+        "info": _INFO,
+        "end": _END,
+        "member": _MEMBER,
     }.items()
 }
 

@@ -18,6 +18,7 @@ import zlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import redis
@@ -26,13 +27,15 @@ import trio
 from prometheus_client.registry import CollectorRegistry
 
 import redis_client
+import tracing
 from limiter import LimitKey, RedisLimiter, rate_limited, redis_key
-from protocol import ClientError, ErrorCode, Member, ServerError
+from protocol import CODE_ALPHABET, ClientError, ErrorCode, Member, ServerError
 from redis_instances import Instances
 from redis_listener import Listener, ListenerCollector
 from redis_scripts import SCRIPTS, members, session_keys, stored_message
 from session_store import (
     CODE_ATTEMPTS,
+    LIST_BUDGET,
     Appended,
     Created,
     Dispatch,
@@ -41,8 +44,11 @@ from session_store import (
     Evicted,
     GroupCommit,
     Joined,
+    MemberInfo,
     Op,
     Resumed,
+    SessionInfo,
+    SessionPage,
     SessionState,
     SessionStore,
     StoredMessage,
@@ -50,6 +56,7 @@ from session_store import (
     not_found,
     session_full,
     timed,
+    wrong_member,
 )
 
 log = logging.getLogger("tandem.redis")
@@ -65,6 +72,8 @@ SHARED_SECRET_KEY = "tandem:hash-key"
 EXPIRY_BUCKETS = 16
 # Sessions the sweeper checks per bucket per tick.
 SWEEP_BATCH = 200
+# Codes one ZSCAN of an expiry bucket asks for when the admin API lists sessions.
+LIST_SCAN_COUNT = 100
 # A cluster's slot map is asked for again after a failed node or a moved slot, at most this often.
 LAYOUT_REFRESH_S = 1.0
 
@@ -95,9 +104,10 @@ class RedisStore(SessionStore):
         ttl_ms: int,
         fail_closed: bool = False,
         ack_replicas: int = 0,
-        ack_timeout: float = 0.5,
+        ack_timeout: float = 1.0,
     ) -> None:
         self.redis = connector
+        self.location = connector.display
         self.cluster = connector.cluster
         self._dispatch = dispatch
         self._history = history_size
@@ -107,7 +117,7 @@ class RedisStore(SessionStore):
         self._ack_timeout_ms = round(ack_timeout * 1000)
         self._scripts = {name: redis_client.Script(body) for name, body in SCRIPTS.items()}
         self._layout_checked = 0.0  # when a cluster's slot map was last refreshed
-        self.writer = GroupCommit(self._execute, dispatch, abandon_on_cancel=True)
+        self.writer = GroupCommit(self._execute, dispatch, abandon_on_cancel=True, backend=self.backend)
         self.limiter = RedisLimiter(connector, fail_closed=fail_closed)
         self.listener = Listener(connector, self._event, self._replay)
         self.instances = Instances(connector, self._reaped, lambda: dispatch(Evicted()))
@@ -127,7 +137,7 @@ class RedisStore(SessionStore):
         ttl_ms: int,
         fail_closed: bool = False,
         ack_replicas: int = 0,
-        ack_timeout: float = 0.5,
+        ack_timeout: float = 1.0,
     ) -> AsyncIterator[RedisStore]:
         """Connect (lazily: Redis may be down at start-up) and run the writer and listener."""
         connector = redis_client.Connector(url, cluster=cluster)
@@ -267,6 +277,7 @@ class RedisStore(SessionStore):
         token_hash: bytes,
         conn_id: str,
         now: int,
+        user: str | None = None,
     ) -> Created:
         for _ in range(CODE_ATTEMPTS):
             code = new_code()
@@ -280,6 +291,7 @@ class RedisStore(SessionStore):
                 self._idle_ms,
                 self._ttl_ms,
                 KEY_GRACE_MS,
+                user or "",
             )
             if result[0] == 1:
                 await self._online(code, client_id, conn_id)
@@ -287,7 +299,9 @@ class RedisStore(SessionStore):
         raise ServerError("could not draw a free session code", ErrorCode.INTERNAL)
 
     @timed("join")
-    async def join(self, code: str, client_id: str, token_hash: bytes, conn_id: str, now: int) -> Joined:
+    async def join(
+        self, code: str, client_id: str, token_hash: bytes, conn_id: str, now: int, user: str | None = None
+    ) -> Joined:
         result = await self._run(
             "join",
             code,
@@ -296,6 +310,7 @@ class RedisStore(SessionStore):
             conn_id,
             self._idle_ms,
             KEY_GRACE_MS,
+            user or "",
         )
         status = result[0]
         if status == -1:
@@ -318,6 +333,7 @@ class RedisStore(SessionStore):
         conn_id: str,
         last_seq: int,
         now: int,
+        user: str | None = None,
     ) -> Resumed:
         result = await self._run(
             "resume",
@@ -328,9 +344,10 @@ class RedisStore(SessionStore):
             self._idle_ms,
             KEY_GRACE_MS,
             last_seq,
+            user or "",
         )
         status = result[0]
-        if status in (-1, -4):  # no such session, wrong credentials: one answer
+        if status in (-1, -4):  # no such session, wrong credentials (or user): one answer
             raise no_such_member()
         replay = tuple(m for m in map(stored_message, result[3:]) if m.sender != client_id)
         await self._online(code, client_id, conn_id)
@@ -367,6 +384,8 @@ class RedisStore(SessionStore):
         for k in folded:
             keys.append(f"tandem:{{{code}}}:rl:{k.rule.name}:{k.key}" if k.per_session else redis_key(k.rule, k.key))
             args += [k.rule.limit, round(k.rule.window * 1000)]
+        if tracing.tracer is not None:  # the send's trace context, published before the message
+            args.append(tracing.tracer.traceparent())
         result = await self.writer.call(_Script("append", keys, args))
         if result[0] == -1:
             raise not_found()
@@ -426,14 +445,7 @@ class RedisStore(SessionStore):
     async def sweep(self, now: int) -> list[tuple[str, str]]:
         """Check the sessions whose indexed deadline passed; expire those really due."""
         due = await self.redis.call(lambda client: _due_codes(client, now))
-        results: dict[str, Any] = {}
-
-        async def expire(code: str) -> None:
-            results[code] = await self._run("expire", code)
-
-        async with trio.open_nursery() as nursery:  # concurrently: one pipeline
-            for code in due:
-                nursery.start_soon(expire, code)
+        results = await self._run_each("expire", due)
         expired = []
         reschedule: dict[str, dict[str, int]] = {}
         finished: dict[str, list[str]] = {}
@@ -448,6 +460,80 @@ class RedisStore(SessionStore):
         if reschedule or finished:
             await self.redis.call(lambda client: _update_index(client, reschedule, finished))
         return expired
+
+    async def _run_each(self, name: str, codes: Sequence[str]) -> dict[str, Any]:
+        """Script `name` on each session of `codes`, concurrently: one pipeline (per node)."""
+        results: dict[str, Any] = {}
+
+        async def run(code: str) -> None:
+            results[code] = await self._run(name, code)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for code in codes:
+                    nursery.start_soon(run, code)
+        except BaseExceptionGroup as group:  # the callers handle one store error, as from any call
+            failure = group.subgroup(lambda exc: isinstance(exc, ServerError | ClientError))
+            if failure is None or not isinstance(group, ExceptionGroup):
+                raise
+            first: BaseException = failure
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            raise first from None
+        return results
+
+    # -- the admin API and e-mail invites --
+
+    @timed("list_sessions")
+    async def list_sessions(self, now: int, state: str | None, limit: int, after: str | None) -> SessionPage:
+        """Walk the expiry index (every live session is in one of its buckets) with ZSCAN,
+        bucket by bucket: no KEYS, no SCAN of the keyspace.
+
+        Each batch ZSCAN returns (about LIST_SCAN_COUNT codes) costs one round trip, and
+        one pipeline of `info` scripts for its codes; the walk stops at `limit` matches or
+        once LIST_BUDGET sessions were examined. A position is `bucket:zscan cursor:last
+        code returned` (codes of a batch are taken in order, so a page can end mid-batch).
+        """
+        bucket, scan, last = _position(after)
+        found: list[SessionInfo] = []
+        examined = 0
+        while bucket < EXPIRY_BUCKETS and examined < LIST_BUDGET and len(found) < limit:
+            next_scan, codes = await self.redis.call(partial(_index_batch, bucket, scan))
+            codes = [code for code in codes if code > last]
+            replies = await self._run_each("info", codes)
+            for n, code in enumerate(codes):
+                examined += 1
+                info = _session_info(code, replies[code])
+                if info is not None and state in (None, info.state):
+                    found.append(info)
+                    if len(found) == limit and n + 1 < len(codes):  # the rest of this batch next time
+                        return SessionPage(tuple(found), f"{bucket}:{scan}:{code}")
+            bucket, scan, last = (bucket + 1, 0, "") if next_scan == 0 else (bucket, next_scan, "")
+        return SessionPage(tuple(found), f"{bucket}:{scan}:" if bucket < EXPIRY_BUCKETS else None)
+
+    @timed("inspect")
+    async def inspect(self, code: str, now: int) -> SessionInfo | None:
+        return _session_info(code, await self._run("info", code))
+
+    @timed("end")
+    async def end(self, code: str, now: int) -> bool:
+        """The `end` script deletes the session and publishes `e|ended` on its channel:
+        every instance with a member of it (this one too) tells them through its listener."""
+        if await self._run("end", code) != 1:
+            return False
+        with contextlib.suppress(ServerError):  # if Redis fails here, the sweeper drops it at the deadline
+            await self.redis.call(lambda client: client.zrem(expiry_bucket(code), code))
+        return True
+
+    @timed("verify_member")
+    async def verify_member(
+        self, code: str, client_id: str, token_hash: bytes, now: int, user: str | None = None
+    ) -> None:
+        status = await self._run("member", code, client_id, token_hash.hex(), user or "")
+        if status == -1:
+            raise not_found()
+        if status != 1:
+            raise wrong_member()
 
     async def shared_secret(self) -> bytes | None:
         """The instances' shared key, created by whichever instance asks first."""
@@ -503,6 +589,33 @@ class RedisStore(SessionStore):
             pipe.execute()
 
         await self.redis.call(run)
+
+
+def _position(after: str | None) -> tuple[int, int, str]:
+    """A listing position `bucket:zscan cursor:last code`; ValueError if this store did not make it."""
+    if after is None:
+        return 0, 0, ""
+    bucket, scan, last = after.split(":")
+    if not 0 <= int(bucket) < EXPIRY_BUCKETS or int(scan) < 0 or not set(last) <= set(CODE_ALPHABET):
+        raise ValueError("not a position of this store")
+    return int(bucket), int(scan), last
+
+
+def _index_batch(bucket: int, scan: int, client: redis_client.Client) -> tuple[int, list[str]]:
+    """One ZSCAN of expiry bucket `bucket` from cursor `scan`: the next cursor (0: done), and the
+    codes in order (ZSCAN may repeat one while the set grows)."""
+    next_scan, entries = client.zscan(f"tandem:expiry:{{e{bucket}}}", scan, count=LIST_SCAN_COUNT)
+    return int(next_scan), sorted({code.decode() if isinstance(code, bytes) else str(code) for code, _ in entries})
+
+
+def _session_info(code: str, reply: Any) -> SessionInfo | None:
+    """The `info` script's reply as a SessionInfo; None when the session is gone."""
+    if not reply:
+        return None
+    created, expires, seq, clients, *users = reply
+    held = members(clients) if clients else ()
+    infos = tuple(MemberInfo(m.client_id, m.online, u.decode() or None) for m, u in zip(held, users, strict=True))
+    return SessionInfo(code, infos, int(seq), int(created), int(expires))
 
 
 def _due_codes(client: redis_client.Client, now: int) -> list[str]:

@@ -25,6 +25,8 @@ import trio
 import lifecycle
 import logging_setup
 import protocol
+import tracing
+from auth import Authenticator, Identity
 from config import Config
 from limiter import Limiter, LimitKey, Limits, Pseudonyms, Rule, rate_limited
 from protocol import CloseCode, ErrorCode
@@ -86,18 +88,27 @@ class Services:
     limits: Limits
     keys: Pseudonyms  # limiter keys for addresses and codes
     report: lifecycle.Report
+    auth: Authenticator | None = None  # None: authentication is off
 
     @property
     def limiter(self) -> Limiter:
         return self.store.limiter
 
-    def message_limits(self, client_id: str, ip_key: str) -> list[LimitKey]:
+    def message_limits(self, client_id: str, ip_key: str, user: str | None = None) -> list[LimitKey]:
+        """The limits of one `message:send`; with authentication the per-user one counts per `sub`
+        (across connections and sessions), else per member (kept beside its session)."""
         limits = []
-        if self.limits.messages_user is not None:
+        if self.limits.messages_user is not None and user is not None:
+            limits.append(LimitKey(self.limits.messages_user, self.keys.user(user)))
+        elif self.limits.messages_user is not None:
             limits.append(LimitKey(self.limits.messages_user, client_id, per_session=True))
         if self.limits.messages_ip is not None:
             limits.append(LimitKey(self.limits.messages_ip, ip_key))
         return limits
+
+
+# Requests served before authentication (PROTOCOL.md, Authentication).
+_BEFORE_AUTH = (protocol.Hello, protocol.Ping, protocol.Authenticate)
 
 
 # --- routing store events to connections -------------------------------------
@@ -203,10 +214,20 @@ class Connection:
     Frames for the client go through `deliver`/`push` into a bounded queue; a
     client that lets it fill (in frames or bytes) is closed with 1013.
     While a join or resume is in flight events wait in `held`, so that the
-    direct reply goes out first.
+    direct reply goes out first. With authentication on, only `hello`, `ping`
+    and `auth` are served until a token is verified (`identity`); a socket
+    without one after AUTH_TIMEOUT, or whose token expired, is closed with 1008.
     """
 
-    def __init__(self, socket: Socket, services: Services, ip: str | None, ip_key: str, site_key: str) -> None:
+    def __init__(
+        self,
+        socket: Socket,
+        services: Services,
+        ip: str | None,
+        ip_key: str,
+        site_key: str,
+        identity: Identity | None = None,
+    ) -> None:
         self.socket = socket
         self.services = services
         self.config = services.config
@@ -227,6 +248,12 @@ class Connection:
         self._idle_deadline = math.inf  # when a socket in no session is closed
         self._idle_before_hold = math.inf  # the deadline a failed join or resume restores
         self._receive_scope: trio.CancelScope | None = None  # the reader's wait for a frame
+        self.identity: Identity | None = None  # the verified token (authentication on)
+        self._auth_deadline = math.inf  # when the socket must (again) hold a valid token
+        if services.auth is not None:
+            self._auth_deadline = trio.current_time() + self.config.auth_timeout
+            if identity is not None:  # verified on the upgrade (Authorization header)
+                self._set_identity(identity)
         self._queued_bytes = 0
         self._send, self._receive = trio.open_memory_channel[str](self.config.send_queue_frames)
         self._read_scope = trio.CancelScope()
@@ -250,7 +277,21 @@ class Connection:
         elif code is not None:
             self._idle_deadline = math.inf
         if self._receive_scope is not None:
-            self._receive_scope.deadline = self._idle_deadline
+            self._receive_scope.deadline = self._deadline()
+
+    def _deadline(self) -> float:
+        """When the reader stops waiting: the socket idled out of a session, or its token lapsed."""
+        return min(self._idle_deadline, self._auth_deadline)
+
+    def _set_identity(self, identity: Identity) -> None:
+        assert self.services.auth is not None
+        self.identity = identity
+        self._auth_deadline = trio.current_time() + self.services.auth.remaining(identity)
+
+    @property
+    def user(self) -> str | None:
+        """The verified `sub`, recorded with the sessions this connection creates, joins or resumes."""
+        return None if self.identity is None else self.identity.user
 
     # -- called from anywhere; none of these blocks --
 
@@ -360,10 +401,13 @@ class Connection:
         with self._read_scope:
             while self.close_code is None:
                 received: str | bytes | None = None
-                with trio.CancelScope(deadline=self._idle_deadline) as self._receive_scope:
+                with trio.CancelScope(deadline=self._deadline()) as self._receive_scope:
                     received = await self.socket.receive()
                 idle = self._receive_scope.cancelled_caught
                 self._receive_scope = None
+                if trio.current_time() >= self._auth_deadline:  # checked before any frame it would let in
+                    self._auth_lapsed()
+                    return
                 if idle:  # in no session for IDLE_SOCKET_TIMEOUT
                     self.services.report(lifecycle.ConnectionIdle(self.id))
                     self.close(CloseCode.NORMAL)
@@ -377,8 +421,11 @@ class Connection:
                         protocol.reject_binary()
                     request = protocol.parse_request(received, max_bytes)
                     with trio.CancelScope(shield=True):  # a request runs to its reply
-                        await self._handle(request)
-                    if not isinstance(request, protocol.Ping):  # pings between failures do not excuse them
+                        if tracing.tracer is None:
+                            await self._handle(request)
+                        else:  # in a span (tracing.py)
+                            await tracing.tracer.request(self, request, self._handle)
+                    if not isinstance(request, protocol.Ping | protocol.Hello):  # nor do these between failures
                         errors_in_row = 0
                 except protocol.FrameRejected as exc:
                     self.close(exc.close_code)
@@ -389,6 +436,16 @@ class Connection:
                         errors_in_row += 1
                         if errors_in_row >= self.config.max_consecutive_errors:
                             self.close(CloseCode.POLICY_VIOLATION)
+
+    def _auth_lapsed(self) -> None:
+        """No valid token (any more): `error` `unauthorized`, then close with 1008."""
+        if self.identity is None:
+            error = protocol.AuthError(f"not authenticated within AUTH_TIMEOUT ({self.config.auth_timeout:g} s)")
+        else:
+            error = protocol.AuthError("token expired")
+        self.services.report(lifecycle.RequestFailed(error))
+        self.push(protocol.serialize(protocol.error_frame(error, None)))
+        self.close(CloseCode.POLICY_VIOLATION)
 
     async def _writer(self) -> None:
         with self._write_scope:
@@ -410,6 +467,8 @@ class Connection:
     # -- requests --
 
     async def _handle(self, request: protocol.Request) -> None:
+        if self.services.auth is not None and self.identity is None and not isinstance(request, _BEFORE_AUTH):
+            raise protocol.AuthError("authenticate first (auth)")
         match request:
             case protocol.SendMessage():
                 await self._send_message(request)
@@ -423,6 +482,29 @@ class Connection:
                 await self._resume(request)
             case protocol.LeaveSession():
                 await self._leave(request)
+            case protocol.Hello():
+                self._welcome(request)
+            case protocol.Authenticate():
+                await self._authenticate(request)
+
+    def _welcome(self, request: protocol.Hello) -> None:
+        config = self.config
+        limits = protocol.Limits(
+            config.max_message_bytes, config.history_size, config.session_idle_timeout, config.session_ttl
+        )
+        mode = "none" if self.services.auth is None else "required"
+        self.push(protocol.serialize(protocol.Welcome(request.id, mode, limits, now_ms(), config.motd or None)))
+
+    async def _authenticate(self, request: protocol.Authenticate) -> None:
+        """A first token, or a fresh one for the same `sub`; on any failure the previous one stands."""
+        authenticator = self.services.auth
+        if authenticator is None:
+            raise protocol.ClientError("authentication is off on this server", ErrorCode.BAD_REQUEST)
+        identity = await authenticator.verify(request.token)
+        if self.identity is not None and identity.user != self.identity.user:
+            raise protocol.AuthError("the token is for another user (sub)")
+        self._set_identity(identity)
+        self.push(protocol.serialize(protocol.AuthOk(request.id, identity.user, identity.expires_at)))
 
     def _require_no_session(self) -> None:
         if self.code is not None:
@@ -436,7 +518,7 @@ class Connection:
     async def _send_message(self, request: protocol.SendMessage) -> None:
         started = time.perf_counter()
         code, client_id = self._membership()
-        limits = self.services.message_limits(client_id, self.ip_key)
+        limits = self.services.message_limits(client_id, self.ip_key, self.user)
         now = now_ms()
         appended = await self.store.append(code, client_id, self.id, request.data, now, limits, request.mid)
         self.messages_in += 1
@@ -449,7 +531,7 @@ class Connection:
         self._require_no_session()
         client_id, token = secrets.token_urlsafe(9), secrets.token_urlsafe(32)
         created = await self.store.create(
-            partial(new_code, self.config.code_length), client_id, token_hash(token), self.id, now_ms()
+            partial(new_code, self.config.code_length), client_id, token_hash(token), self.id, now_ms(), self.user
         )
         self.services.hub.attach(self, created.code, client_id)
         try:
@@ -513,7 +595,7 @@ class Connection:
         self.services.hub.detach(self)
         self._idle_deadline = self._idle_before_hold
         if self._receive_scope is not None:
-            self._receive_scope.deadline = self._idle_deadline
+            self._receive_scope.deadline = self._deadline()
 
     async def _join(self, request: protocol.JoinSession) -> None:
         self._require_no_session()
@@ -523,7 +605,7 @@ class Connection:
             self._hold(code, client_id)
             try:
                 await self.store.watch(code)
-                return await self.store.join(code, client_id, token_hash(token), self.id, now_ms())
+                return await self.store.join(code, client_id, token_hash(token), self.id, now_ms(), self.user)
             except BaseException:
                 self._unhold()
                 raise
@@ -544,7 +626,7 @@ class Connection:
             try:
                 await self.store.watch(code)
                 return await self.store.resume(
-                    code, client_id, token_hash(request.token), self.id, request.last_seq, now_ms()
+                    code, client_id, token_hash(request.token), self.id, request.last_seq, now_ms(), self.user
                 )
             except BaseException:
                 self._unhold()

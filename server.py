@@ -20,11 +20,13 @@ if __name__ == "__main__":
     for _signum in SHUTDOWN_SIGNALS:
         signal.signal(_signum, lambda received, _frame: EARLY_SIGNALS.append(received))
 
+import errno
 import gc
 import ipaddress
 import logging
 import math
 import secrets
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -37,23 +39,30 @@ import hypercorn.trio
 import redis
 import trio
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
+import admin
+import api
+import auth
 import config as config_module
 import health
 import hypercorn_fixes
+import invites
 import lifecycle
 import logging_setup
 import metrics
 import protocol
+import static_files
+import tracing
 from archive import Recorder, open_archive
 from config import Config
 from limiter import IPV6_SITE, Decision, Limiter, Limits, Pseudonyms, Rule, SocketCount, client_ip
-from migrations import migrate_command
+from migrations import MigrationError, migrate_command, parse_migrate_args
 from protocol import CloseCode, ErrorCode
 from redis_store import RedisStore
 from relay import Connection, Hub, Services, now_ms
@@ -96,7 +105,7 @@ class Tandem:
         self.store = store
         self.archive = archive
         self.metrics = metrics.Metrics(lambda: len(hub.connections))
-        store.observer = metrics.StoreMetrics(self.metrics, store.backend)
+        store.observer = metrics.StoreMetrics(self.metrics, store.backend, store.location)
         store.register_metrics(self.metrics.registry)
         archive.register_metrics(self.metrics.registry)  # tandem_archive_*; nothing without DATABASE_URL
         # /metrics without METRICS_TOKEN: loopback clients only, resolved through TRUSTED_PROXIES.
@@ -104,7 +113,10 @@ class Tandem:
         self.health = health.Health(config, self.metrics, store, client_ip=partial(client_ip, trusted=trusted))
         self.health.readiness.add(health.Check("store", store.check, component_id=store.backend))
         if config.database_url is not None:
-            self.health.readiness.add(health.Check("database", archive.check, component_id="postgresql"))
+            # Not critical: relaying does not need the archive (its rows wait, bounded, or are
+            # dropped and counted), so PostgreSQL down must not take every instance out of service.
+            check = health.Check("database", archive.check, component_id="postgresql", critical=False)
+            self.health.readiness.add(check)
         self.report = lifecycle.Fanout(lifecycle.logged, lifecycle.archived(archive), lifecycle.counted(self.metrics))
         self.services = Services(
             config=config,
@@ -114,6 +126,7 @@ class Tandem:
             # Limiter keys for addresses and codes; `share_hash_key` may replace the key.
             keys=Pseudonyms(config.hash_key.encode() or secrets.token_bytes(32)),
             report=self.report,
+            auth=auth.Authenticator.from_config(config),  # None: authentication is off
         )
         self.sockets = SocketCount(config.max_sockets, config.max_sockets_ip)
         self.draining = False
@@ -132,7 +145,7 @@ class Tandem:
 
 
 def limits_from_config(config: Config) -> Limits:
-    if not config.rate_limit_enabled:
+    if not config.rate_limit_enabled:  # not allowed with SMTP_URL (config.py): e-mail is always limited
         return Limits()
 
     def rule(name: str, setting: tuple[int, float] | None) -> Rule | None:
@@ -145,11 +158,21 @@ def limits_from_config(config: Config) -> Limits:
         join_failures_ip=rule("join_failures_ip", config.rate_limit_join_failures_ip),
         code_failures=rule("code_failures", config.rate_limit_code_failures),
         api_ip=rule("api_ip", config.rate_limit_api_ip),
+        email_session=rule("email_session", config.rate_limit_email_session),
+        email_recipient=rule("email_recipient", config.rate_limit_email_recipient),
     )
 
 
 def _error_response(status: int, code: ErrorCode, message: str, headers: dict[str, str] | None = None) -> Response:
     return JSONResponse({"error": {"code": str(code), "message": message}}, status, headers=headers)
+
+
+def auth_refused(error: protocol.TandemError) -> Response:
+    """An upgrade whose `Authorization` token failed: 401, or 503 when its key cannot be fetched."""
+    if isinstance(error, protocol.ServerError):
+        return _error_response(503, error.code, error.message, {"Retry-After": str(math.ceil(error.retry_after or 1))})
+    challenge = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
+    return _error_response(401, ErrorCode.UNAUTHORIZED, error.message, challenge)
 
 
 def too_many(rule: Rule, decision: Decision) -> Response:
@@ -215,25 +238,34 @@ def create_app(tandem: Tandem) -> Starlette:
                     tandem.metrics.rate_limited(connections.name)
                     await ws.send_denial_response(too_many(connections, decision))
                     return
+            identity = None
+            authorization = ws.headers.get("authorization")  # never a token in the URL
+            if tandem.services.auth is not None and authorization is not None:
+                try:
+                    identity = await tandem.services.auth.verify(auth.bearer(authorization))
+                except protocol.TandemError as exc:
+                    tandem.metrics.refused(exc.code)
+                    await ws.send_denial_response(auth_refused(exc))
+                    return
             offered = ws.scope.get("subprotocols") or []
             await ws.accept(protocol.SUBPROTOCOL if protocol.SUBPROTOCOL in offered else None)
             site_key = tandem.keys.address(ip, IPV6_SITE)
-            await Connection(AsgiSocket(ws), tandem.services, ip, ipk, site_key).run()
+            await Connection(AsgiSocket(ws), tandem.services, ip, ipk, site_key, identity).run()
         finally:
             tandem.sockets.close(ipk)
-
-    async def index(request: Request) -> Response:
-        return FileResponse(STATIC_DIR / "index.html")
 
     return Starlette(
         routes=[
             WebSocketRoute("/ws", websocket_endpoint),
-            Route("/", index),
+            *static_files.StaticFiles(STATIC_DIR).routes(),  # /, /tandem.js and the page's files
             Route("/api/info", api_info),
+            *admin.routes(tandem),  # /api/debug/*
+            *invites.routes(tandem),  # /api/send-email
             *tandem.health.routes(),  # /health/live, /health/ready, /metrics
         ],
         # Requests on the METRICS_ADDRESS listener reach /metrics and the probes only.
         middleware=[Middleware(health.MetricsListener, health=tandem.health)],
+        exception_handlers={HTTPException: api.http_error},  # JSON 404 and 405 under /api/
     )
 
 
@@ -411,8 +443,20 @@ async def _serve(config: Config, signals: AsyncIterator[int]) -> None:
             gc.collect()
             gc.freeze()
             metrics_address = binds.pop() if config.metrics_address else None  # the last bind (hypercorn_config)
-            fields = {"addresses": binds, "metrics_address": metrics_address, "data_dir": str(config.data_dir)}
+            fields = {
+                "url": _url_to_open(config),
+                "addresses": binds,
+                "metrics_address": metrics_address,
+                "data_dir": str(config.data_dir),
+                "tracing": tracing.tracer.exporters if tracing.tracer is not None else "off",
+            }
             log.info("server.listening", extra={"fields": fields})
+
+
+def _url_to_open(config: Config) -> str:
+    """The page's URL for a person: a wildcard bind is reachable as localhost."""
+    host = {"0.0.0.0": "localhost", "::": "localhost"}.get(config.host, config.host)
+    return f"http://{f'[{host}]' if ':' in host else host}:{config.port}/"
 
 
 def _environment_failure(exc: BaseException) -> BaseException | None:
@@ -427,19 +471,117 @@ def _environment_failure(exc: BaseException) -> BaseException | None:
     return exc if isinstance(exc, (OSError, RuntimeError, redis.RedisError)) else None
 
 
+def _listening_settings(config: Config) -> list[tuple[str, str, str, int]]:
+    """(setting, its value, host, port) of every address Tandem listens on."""
+    binds = [("PORT", str(config.port), config.host, config.port)]
+    if config.metrics_address is not None:
+        host, _, port = config.metrics_address.rpartition(":")
+        binds.append(("METRICS_ADDRESS", config.metrics_address, host.strip("[]"), int(port)))
+    return binds
+
+
+def _cannot_bind(host: str, port: int) -> OSError | None:
+    """The error binding host:port now gives (as Hypercorn binds), or None."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return exc
+    return None
+
+
+def _failed_bind(exc: OSError, config: Config) -> tuple[str, str, str, int, OSError]:
+    """Which of the addresses Tandem listens on gives `exc`'s error (the first if none does now)."""
+    binds = _listening_settings(config)
+    for name, value, host, port in binds:
+        failed = _cannot_bind(host, port)
+        if failed is not None and failed.errno == exc.errno:
+            return name, value, host, port, failed
+    return (*binds[0], exc)
+
+
+def startup_failure(exc: BaseException, config: Config) -> str:
+    """One line for a start-up failure: the setting involved, what happened, what to do."""
+    if isinstance(exc, OSError) and exc.filename is None and exc.errno in LISTEN_ERRNOS:
+        name, value, host, port, failed = _failed_bind(exc, config)
+        if name == "PORT" and exc.errno == errno.EADDRNOTAVAIL:  # the host is what is wrong
+            name, value = "HOST", config.host
+        return f"{name}={value}: cannot listen on {host}:{port}: {failed.strerror}; {LISTEN_ERRNOS[exc.errno]}"
+    data_dir = config.data_dir.resolve()
+    if isinstance(exc, OSError) and exc.filename is not None:
+        path = Path(str(exc.filename)).resolve()
+        if path == data_dir or data_dir in path.parents:
+            advice = "set DATA_DIR to a directory Tandem may write"
+            return f"DATA_DIR={config.data_dir}: {exc.strerror}: {exc.filename}; {advice}"
+        return f"{exc.strerror}: {exc.filename}"
+    text = " ".join(str(exc).split())  # one line
+    if isinstance(exc, RuntimeError) and "DATA_DIR" in text:
+        return f"DATA_DIR={config.data_dir}: {text}; stop that process, or give this one another DATA_DIR"
+    if isinstance(exc, MigrationError) and config.database_url is not None:
+        url = config_module.POSTGRES_URL.mask(config.database_url)
+        if "cannot connect" in text:
+            return f"DATABASE_URL={url}: {text}; start PostgreSQL or correct DATABASE_URL (or set MIGRATE_ON_START=0)"
+        advice = 'fix what it names (docs/setup.md, "Migrations"), or set MIGRATE_ON_START=0'
+        return f"DATABASE_URL={url}: {text}; {advice}"
+    return f"start-up failed: {text}"
+
+
+# Why listening failed, and what to do about it.
+LISTEN_ERRNOS = {
+    errno.EADDRINUSE: "another process holds it: stop it, or choose another port",
+    errno.EACCES: "ports below 1024 need privileges: choose a port above 1023",
+    errno.EADDRNOTAVAIL: "no interface of this machine has that address: set HOST to one that does (0.0.0.0: all)",
+}
+
+USAGE = """\
+usage: python server.py [migrate [down [N] | status]]
+
+  (no command)    serve: the relay on HOST:PORT (default 0.0.0.0:3001)
+  migrate         apply sql/ to DATABASE_URL (PostgreSQL archive), then exit
+  migrate down N  revert the N migrations applied last (default 1), then exit
+  migrate status  list sql/'s migrations, applied or pending, then exit
+
+Settings come from the environment and a .env file in the working directory:
+every setting, its default and its range is in docs/configuration.md and in
+.env.example; `python config.py --markdown` prints the table. A start-up error
+and what to do about it: docs/troubleshooting.md.
+"""
+
+
+# The Python versions Tandem runs on (pyproject.toml's requires-python says the same).
+SUPPORTED_PYTHON = ((3, 11), (3, 13))
+
+
 def main() -> int:
+    if not SUPPORTED_PYTHON[0] <= sys.version_info[:2] <= SUPPORTED_PYTHON[1]:
+        (low, high), running = SUPPORTED_PYTHON, ".".join(map(str, sys.version_info[:2]))
+        print(
+            f"tandem: Python {running} is not supported: use Python {low[0]}.{low[1]} to {high[0]}.{high[1]}",
+            file=sys.stderr,
+        )
+        return 2
+    if sys.argv[1:] in (["--help"], ["-h"], ["help"]):
+        print(USAGE, end="")
+        return 0
+    migrate_args = parse_migrate_args(sys.argv[2:]) if sys.argv[1:2] == ["migrate"] else None
+    if sys.argv[1:] and migrate_args is None:
+        print(USAGE, end="", file=sys.stderr)
+        return 2
     try:
         config = config_module.load()
+        tracing.setup()  # OpenTelemetry, when the OTEL_* variables ask for it (README "Tracing")
     except config_module.ConfigError as exc:
         print(f"tandem: {exc}", file=sys.stderr)
         return 2
     pipeline = logging_setup.setup(config)
     try:
-        if sys.argv[1:] == ["migrate"]:  # apply sql/ to DATABASE_URL and exit
-            return migrate_command(config)
-        if sys.argv[1:]:
-            print("usage: python server.py [migrate]", file=sys.stderr)
-            return 2
+        for line, key, closest in config_module.dotenv_warnings(Path(".env")):
+            fields = {"file": ".env", "line": line, "key": key, "did_you_mean": closest or None}
+            log.warning("config.unknown_setting", extra={"fields": fields})
+        if migrate_args is not None:  # migrate DATABASE_URL up, down or show its status, and exit
+            return migrate_command(config, migrate_args)
         for signum in SHUTDOWN_SIGNALS:  # until the event loop takes over (`run`)
             signal.signal(signum, lambda received, _frame: EARLY_SIGNALS.append(received))
         hypercorn_fixes.install(
@@ -455,10 +597,13 @@ def main() -> int:
             failure = _environment_failure(exc)
             if failure is None:
                 raise
-            log.critical("server.failed", extra={"fields": {"error": str(failure)}})
-            return 1
+            cause = startup_failure(failure, config)
+            log.critical("server.failed", extra={"fields": {"error": cause}})
+            print(f"tandem: {cause}", file=sys.stderr)
+            return 2
         return 0
     finally:
+        tracing.shutdown()  # exports the spans left
         pipeline.stop()
 
 

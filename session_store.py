@@ -21,6 +21,7 @@ import trio
 from prometheus_client.registry import CollectorRegistry
 
 import protocol
+import tracing
 from limiter import Limiter, LimitKey
 from protocol import ClientError, ErrorCode, Member, ServerError
 
@@ -77,6 +78,45 @@ class Resumed:
     last_seq: int
     recovered: bool
     replay: tuple[StoredMessage, ...]
+
+
+# --- what the admin API sees of a session ------------------------------------------
+
+# The states a listing filters by: one member ("waiting") or two ("paired").
+STATES = ("waiting", "paired")
+# Sessions one page of `list_sessions` examines at most, whether they match its
+# filter or not: a page's work is bounded whatever the store holds (`after`
+# carries on where it stopped, even when it found nothing).
+LIST_BUDGET = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class MemberInfo:
+    client_id: str
+    online: bool
+    user: str | None = None  # the member's `sub` with authentication on; never its token
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    code: str
+    members: tuple[MemberInfo, ...]
+    last_seq: int
+    created_at: int
+    expires_at: int  # the earlier of the idle and the TTL deadline
+
+    @property
+    def state(self) -> str:
+        return STATES[1] if len(self.members) >= MAX_MEMBERS else STATES[0]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionPage:
+    """One page of a listing; `after` is where the next starts (a store's own
+    position, opaque to callers), None after the last."""
+
+    sessions: tuple[SessionInfo, ...]
+    after: str | None
 
 
 # --- events: what a committed change means to the members connected here ----------
@@ -164,6 +204,11 @@ def no_such_member() -> ClientError:
     return ClientError("no such session, or wrong client_id or token", ErrorCode.NOT_FOUND)
 
 
+def wrong_member() -> ClientError:
+    """Credentials that do not name a member of a live session (the e-mail API's 401)."""
+    return ClientError("wrong client_id or token", ErrorCode.UNAUTHORIZED)
+
+
 def session_full() -> ClientError:
     return ClientError("the session already has two members", ErrorCode.SESSION_FULL)
 
@@ -221,24 +266,43 @@ class SessionStore(ABC):
     """
 
     backend: str  # "sqlite" or "redis": a metrics label
+    location: str = ""  # where the sessions are, as a log may show it (no password)
     limiter: Limiter  # rate limits kept where the sessions are
     observer: StoreObserver = _Unobserved()
 
+    # `user`: the member's authenticated `sub` (None with authentication off),
+    # recorded by create and join; a resume with a user requires that one.
+
     @abstractmethod
     async def create(
-        self, new_code: Callable[[], str], client_id: str, token_hash: bytes, conn_id: str, now: int
+        self,
+        new_code: Callable[[], str],
+        client_id: str,
+        token_hash: bytes,
+        conn_id: str,
+        now: int,
+        user: str | None = None,
     ) -> Created:
         """A new session with its creator as first member, online on `conn_id`."""
 
     @abstractmethod
-    async def join(self, code: str, client_id: str, token_hash: bytes, conn_id: str, now: int) -> Joined:
+    async def join(
+        self, code: str, client_id: str, token_hash: bytes, conn_id: str, now: int, user: str | None = None
+    ) -> Joined:
         """Add a member; `not_found` or `session_full`."""
 
     @abstractmethod
     async def resume(
-        self, code: str, client_id: str, token_hash: bytes, conn_id: str, last_seq: int, now: int
+        self,
+        code: str,
+        client_id: str,
+        token_hash: bytes,
+        conn_id: str,
+        last_seq: int,
+        now: int,
+        user: str | None = None,
     ) -> Resumed:
-        """Put a member back online on `conn_id`; `no_such_member` for any mismatch."""
+        """Put a member back online on `conn_id`; `no_such_member` for any mismatch (the user's too)."""
 
     @abstractmethod
     async def append(
@@ -282,6 +346,30 @@ class SessionStore(ABC):
     def unwatch(self, code: str) -> None:
         """This process no longer needs the events of `code`."""
 
+    # -- the admin API and e-mail invites: concrete, so a store without them (a test's) still is one --
+
+    async def list_sessions(self, now: int, state: str | None, limit: int, after: str | None) -> SessionPage:
+        """Up to `limit` live sessions (only those in `state` if given) from position `after`,
+        examining at most LIST_BUDGET; ValueError for an `after` this store did not make."""
+        raise ServerError("this store cannot list sessions", ErrorCode.INTERNAL)
+
+    async def inspect(self, code: str, now: int) -> SessionInfo | None:
+        """The live session `code`, or None."""
+        raise ServerError("this store cannot inspect sessions", ErrorCode.INTERNAL)
+
+    async def end(self, code: str, now: int) -> bool:
+        """End the live session `code` (an operator's decision): its members online, on any
+        instance, get `session:expired` "ended". False when there is no such session."""
+        raise ServerError("this store cannot end sessions", ErrorCode.INTERNAL)
+
+    async def verify_member(
+        self, code: str, client_id: str, token_hash: bytes, now: int, user: str | None = None
+    ) -> None:
+        """Check a member's credentials without touching the session: `not_found` when the
+        session does not exist, `unauthorized` for a wrong client_id or token (or, given
+        `user`, a member another user holds)."""
+        raise ServerError("this store cannot verify members", ErrorCode.INTERNAL)
+
     async def count_sessions(self, now: int) -> dict[str, int] | None:
         """Live sessions by state ("waiting", "paired"), or None where counting is not cheap."""
         return None
@@ -300,7 +388,8 @@ class SessionStore(ABC):
 class Op:
     """One queued store operation, and then its outcome."""
 
-    __slots__ = ("done", "error", "events", "payload", "result")
+    __slots__ = ("done", "error", "events", "payload", "result", "trace")
+    trace: Any  # the span context of the request that queued it: set by tracing.py only while tracing is on
 
     def __init__(self, payload: Any) -> None:
         self.payload = payload
@@ -325,8 +414,11 @@ class GroupCommit:
     Operations queue in a bounded channel: a full queue makes callers wait.
     """
 
-    def __init__(self, execute: Callable[[list[Op]], None], dispatch: Dispatch, *, abandon_on_cancel: bool) -> None:
+    def __init__(
+        self, execute: Callable[[list[Op]], None], dispatch: Dispatch, *, abandon_on_cancel: bool, backend: str = ""
+    ) -> None:
         self._execute = execute
+        self.backend = backend  # "sqlite" or "redis", for traces
         self._dispatch = dispatch
         self._abandon = abandon_on_cancel
         self._send, self._receive = trio.open_memory_channel[Op](OP_QUEUE_SIZE)
@@ -343,6 +435,8 @@ class GroupCommit:
                         batch.append(self._receive.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
+                tracer = tracing.tracer  # None: tracing is off
+                span = None if tracer is None else tracer.batch_started(batch, self.backend)
                 try:
                     await trio.to_thread.run_sync(self._execute, batch, abandon_on_cancel=self._abandon)
                 except trio.Cancelled:
@@ -355,9 +449,14 @@ class GroupCommit:
                 finally:
                     self.batches += 1
                     self.ops += len(batch)
+                    if tracer is not None:
+                        tracer.batch_done(span, batch)
                     for op in batch:
-                        for event in op.events:
-                            self._dispatch(event)
+                        if tracer is None:
+                            for event in op.events:
+                                self._dispatch(event)
+                        else:
+                            tracer.dispatch(op, self._dispatch, self.backend)  # a message in a deliver span
                         op.done.set()
 
     def close(self) -> None:
@@ -365,6 +464,8 @@ class GroupCommit:
 
     async def call(self, payload: Any) -> Any:
         op = Op(payload)
+        if tracing.tracer is not None:
+            tracing.tracer.queued(op)  # carries the request's span context to the batch
         try:
             await self._send.send(op)
         except (trio.ClosedResourceError, trio.BrokenResourceError):

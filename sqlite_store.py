@@ -18,11 +18,14 @@ from typing import IO, TypeVar
 
 import trio
 
+import protocol
 from limiter import LimitKey, MemoryLimiter, rate_limited
 from protocol import ClientError, ErrorCode, Member, ServerError
 from session_store import (
     CODE_ATTEMPTS,
+    LIST_BUDGET,
     MAX_MEMBERS,
+    STATES,
     Appended,
     Created,
     Dispatch,
@@ -30,12 +33,15 @@ from session_store import (
     Event,
     GroupCommit,
     Joined,
+    MemberInfo,
     MessageStored,
     Op,
     Paired,
     PeerLeft,
     PresenceChanged,
     Resumed,
+    SessionInfo,
+    SessionPage,
     SessionStore,
     StoredMessage,
     Takeover,
@@ -43,6 +49,7 @@ from session_store import (
     not_found,
     session_full,
     timed,
+    wrong_member,
 )
 
 T = TypeVar("T")
@@ -67,6 +74,7 @@ CREATE TABLE IF NOT EXISTS members (
     token_hash BLOB NOT NULL,
     position   INTEGER NOT NULL,     -- join order, for `clients`
     conn_id    TEXT,                 -- the connection holding it; NULL: offline
+    user       TEXT,                 -- its authenticated `sub`; NULL: authentication was off
     PRIMARY KEY (code, client_id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS messages (
@@ -101,13 +109,18 @@ class SqliteStore(SessionStore):
         ttl_ms: int,
     ) -> None:
         self._db = db
+        self.location = next((path for _, name, path in db.execute("PRAGMA database_list") if name == "main"), "")
         self._history = history_size
         self._idle_ms = idle_ms
         self._ttl_ms = ttl_ms
         # Not abandoned on cancel: a commit in flight finishes, so that an op
         # reported done is durable and an acked message is stored.
-        self.writer = GroupCommit(self._execute, dispatch, abandon_on_cancel=False)
+        self.writer = GroupCommit(self._execute, dispatch, abandon_on_cancel=False, backend=self.backend)
         self.limiter: MemoryLimiter = MemoryLimiter()
+        # The admin API's reads: a read-only connection of their own (WAL lets it read
+        # beside the writer), so a listing never delays a commit. `open` sets it.
+        self.reader: sqlite3.Connection | None = None
+        self._reading = trio.CapacityLimiter(1)  # one thread on the reader at a time
 
     @classmethod
     @asynccontextmanager
@@ -130,6 +143,7 @@ class SqliteStore(SessionStore):
             db = await trio.to_thread.run_sync(_connect, data_dir / "tandem.sqlite3", synchronous)
             try:
                 store = cls(db, dispatch, history_size=history_size, idle_ms=idle_ms, ttl_ms=ttl_ms)
+                store.reader = await trio.to_thread.run_sync(_connect_reader, data_dir / "tandem.sqlite3")
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(store.writer.run)
                     try:
@@ -137,6 +151,8 @@ class SqliteStore(SessionStore):
                     finally:
                         store.writer.close()  # the writer finishes what is queued, then returns
             finally:
+                if store.reader is not None:
+                    await trio.to_thread.run_sync(store.reader.close)
                 await trio.to_thread.run_sync(db.close)
 
     def _execute(self, batch: list[Op]) -> None:
@@ -198,7 +214,13 @@ class SqliteStore(SessionStore):
 
     @timed("create")
     async def create(
-        self, new_code: Callable[[], str], client_id: str, token_hash: bytes, conn_id: str, now: int
+        self,
+        new_code: Callable[[], str],
+        client_id: str,
+        token_hash: bytes,
+        conn_id: str,
+        now: int,
+        user: str | None = None,
     ) -> Created:
         ttl_at = now + self._ttl_ms
         idle_at = now + self._idle_ms
@@ -213,8 +235,9 @@ class SqliteStore(SessionStore):
                 )
                 if cursor.rowcount == 1:
                     db.execute(
-                        "INSERT INTO members (code, client_id, token_hash, position, conn_id) VALUES (?, ?, ?, 0, ?)",
-                        (code, client_id, token_hash, conn_id),
+                        "INSERT INTO members (code, client_id, token_hash, position, conn_id, user)"
+                        " VALUES (?, ?, ?, 0, ?, ?)",
+                        (code, client_id, token_hash, conn_id, user),
                     )
                     return Created(code, min(ttl_at, idle_at))
             raise ServerError("could not draw a free session code", ErrorCode.INTERNAL)
@@ -222,7 +245,9 @@ class SqliteStore(SessionStore):
         return await self._call(run)
 
     @timed("join")
-    async def join(self, code: str, client_id: str, token_hash: bytes, conn_id: str, now: int) -> Joined:
+    async def join(
+        self, code: str, client_id: str, token_hash: bytes, conn_id: str, now: int, user: str | None = None
+    ) -> Joined:
         def run(db: sqlite3.Connection, events: list[Event]) -> Joined:
             last_seq, _, _ = self._alive(db, code, now)
             members = self._members(db, code)
@@ -232,8 +257,8 @@ class SqliteStore(SessionStore):
                 "SELECT coalesce(max(position), -1) + 1 FROM members WHERE code = ?", (code,)
             ).fetchone()[0]
             db.execute(
-                "INSERT INTO members (code, client_id, token_hash, position, conn_id) VALUES (?, ?, ?, ?, ?)",
-                (code, client_id, token_hash, position, conn_id),
+                "INSERT INTO members (code, client_id, token_hash, position, conn_id, user) VALUES (?, ?, ?, ?, ?, ?)",
+                (code, client_id, token_hash, position, conn_id, user),
             )
             self._touch(db, code, now)
             clients = (*members, Member(client_id, True))
@@ -245,7 +270,14 @@ class SqliteStore(SessionStore):
 
     @timed("resume")
     async def resume(
-        self, code: str, client_id: str, token_hash: bytes, conn_id: str, last_seq: int, now: int
+        self,
+        code: str,
+        client_id: str,
+        token_hash: bytes,
+        conn_id: str,
+        last_seq: int,
+        now: int,
+        user: str | None = None,
     ) -> Resumed:
         def run(db: sqlite3.Connection, events: list[Event]) -> Resumed:
             try:
@@ -253,10 +285,12 @@ class SqliteStore(SessionStore):
             except ClientError:
                 raise no_such_member() from None
             row = db.execute(
-                "SELECT token_hash, conn_id FROM members WHERE code = ? AND client_id = ?",
+                "SELECT token_hash, conn_id, user FROM members WHERE code = ? AND client_id = ?",
                 (code, client_id),
             ).fetchone()
             if row is None or not hmac.compare_digest(bytes(row[0]), token_hash):
+                raise no_such_member()
+            if user is not None and row[2] != user:  # another user holds this member's token
                 raise no_such_member()
             previous = row[1]
             db.execute(
@@ -405,6 +439,110 @@ class SqliteStore(SessionStore):
 
         return await self._call(run)
 
+    # -- the admin API and e-mail invites --
+
+    async def _read(self, run: Callable[[sqlite3.Connection], T]) -> T:
+        """`run(reader)` in a worker thread, on the admin API's read-only connection."""
+        if self.reader is None:
+            raise ServerError("the store is not open", ErrorCode.UNAVAILABLE, retry_after=1.0)
+        reader = self.reader
+        try:
+            return await trio.to_thread.run_sync(run, reader, limiter=self._reading)
+        except sqlite3.Error as exc:
+            raise ServerError(f"session store failed: {exc}", ErrorCode.UNAVAILABLE, retry_after=1.0) from None
+
+    @staticmethod
+    def _infos(db: sqlite3.Connection, rows: Sequence[tuple[str, int, int, int]]) -> tuple[SessionInfo, ...]:
+        """Sessions (code, created_at, expires_at, last_seq) with their members, in one query."""
+        members: dict[str, list[MemberInfo]] = {row[0]: [] for row in rows}
+        if members:
+            found = db.execute(
+                "SELECT code, client_id, conn_id IS NOT NULL, user FROM members"
+                f" WHERE code IN ({','.join('?' * len(members))}) ORDER BY code, position",
+                list(members),
+            )
+            for code, client_id, online, user in found:
+                members[code].append(MemberInfo(client_id, bool(online), user))
+        return tuple(
+            SessionInfo(code, tuple(members[code]), seq, created, expires) for code, created, expires, seq in rows
+        )
+
+    @timed("list_sessions")
+    async def list_sessions(self, now: int, state: str | None, limit: int, after: str | None) -> SessionPage:
+        """Sessions in code order from the one after `after` (a code), along the primary key:
+        at most LIST_BUDGET rows read, and one query for the page's members."""
+        if after is not None and not set(after) <= set(protocol.CODE_ALPHABET):
+            raise ValueError("not a position of this store")
+        wanted = None if state is None else MAX_MEMBERS if state == STATES[1] else 1
+
+        def run(db: sqlite3.Connection) -> SessionPage:
+            rows = db.execute(
+                "SELECT code, created_at, min(idle_at, ttl_at), last_seq,"
+                " (SELECT count(*) FROM members WHERE members.code = sessions.code)"
+                " FROM sessions WHERE code > ? ORDER BY code LIMIT ?",
+                (after or "", LIST_BUDGET),
+            )
+            page: list[tuple[str, int, int, int]] = []
+            examined, last = 0, after
+            for code, created, expires, seq, count in rows:
+                examined, last = examined + 1, code
+                if expires > now and (wanted is None or count == wanted):
+                    page.append((code, created, expires, seq))
+                    if len(page) > limit:  # one more than asked: there is a next page
+                        del page[limit:]
+                        return SessionPage(self._infos(db, page), page[-1][0])
+            # Stopped by the budget: more may follow the last row read.
+            return SessionPage(self._infos(db, page), last if examined == LIST_BUDGET else None)
+
+        return await self._read(run)
+
+    @timed("inspect")
+    async def inspect(self, code: str, now: int) -> SessionInfo | None:
+        def run(db: sqlite3.Connection) -> SessionInfo | None:
+            row = db.execute(
+                "SELECT code, created_at, min(idle_at, ttl_at), last_seq FROM sessions"
+                " WHERE code = ? AND idle_at > ? AND ttl_at > ?",
+                (code, now, now),
+            ).fetchone()
+            return None if row is None else self._infos(db, [row])[0]
+
+        return await self._read(run)
+
+    @timed("end")
+    async def end(self, code: str, now: int) -> bool:
+        def run(db: sqlite3.Connection, events: list[Event]) -> bool:
+            cursor = db.execute(
+                "DELETE FROM sessions WHERE code = ? AND idle_at > ? AND ttl_at > ?", (code, now, now)
+            )  # members and messages go with it (ON DELETE CASCADE)
+            if cursor.rowcount == 0:
+                return False
+            events.append(Ended(code, "ended"))
+            return True
+
+        return await self._call(run)
+
+    @timed("verify_member")
+    async def verify_member(
+        self, code: str, client_id: str, token_hash: bytes, now: int, user: str | None = None
+    ) -> None:
+        def run(db: sqlite3.Connection) -> tuple[bytes | None, str | None] | None:
+            row: tuple[bytes | None, str | None] | None = db.execute(
+                "SELECT members.token_hash, members.user FROM sessions LEFT JOIN members"
+                " ON members.code = sessions.code AND members.client_id = ?"
+                " WHERE sessions.code = ? AND idle_at > ? AND ttl_at > ?",
+                (client_id, code, now, now),
+            ).fetchone()
+            return row
+
+        row = await self._read(run)
+        if row is None:
+            raise not_found()
+        stored, member_user = row
+        if stored is None or not hmac.compare_digest(bytes(stored), token_hash):
+            raise wrong_member()
+        if user is not None and member_user != user:  # another user holds this member's token
+            raise wrong_member()
+
     # One process holds every connection of the file: its events are all local.
     async def watch(self, code: str) -> None:
         return None
@@ -426,11 +564,20 @@ def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
     columns = {row[1] for row in db.execute("PRAGMA table_info(messages)")}
     if "mid" not in columns:  # a file from before `mid`: its messages have none
         db.execute("ALTER TABLE messages ADD COLUMN mid TEXT")
+    if "user" not in {row[1] for row in db.execute("PRAGMA table_info(members)")}:  # from before authentication
+        db.execute("ALTER TABLE members ADD COLUMN user TEXT")
     db.executescript(MID_INDEX)
     # This process owns the file (see _exclusive_lock): no connection of an
     # earlier process survives it, so every member starts offline.
     db.execute("UPDATE members SET conn_id = NULL WHERE conn_id IS NOT NULL")
     return db
+
+
+def _connect_reader(path: Path) -> sqlite3.Connection:
+    """A read-only connection to the database `_connect` opened, for the admin API's threads."""
+    reader = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+    reader.execute("PRAGMA busy_timeout = 5000")
+    return reader
 
 
 @contextmanager

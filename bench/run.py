@@ -81,7 +81,7 @@ class Plan:
 
 
 QUICK = Plan(rounds=1, warmup=1.0, duration=3.0, idle_connections=2_000, profile_seconds=3.0)
-ALL_FIGURES = (1, 2, 3, 4, 5, 6, 7)
+ALL_FIGURES = (1, 2, 3, 4, 5, 6, 7, 8)
 # Figure 7's profiles: (store, load): as fast as acks allow, and at figure 3's fixed rate.
 PROFILES = (("sqlite", "throughput"), ("redis", "throughput"), ("sqlite", "rate"))
 
@@ -216,6 +216,7 @@ class Bench:
         self.out = out
         self.children: list[Child] = []
         self.redis: Child | None = None
+        self.replica: Child | None = None
         self.redis_url = ""
         self.redis_version = ""
         self.seed = 0
@@ -226,7 +227,7 @@ class Bench:
         self.children.append(child)
         return child.wait_listening()
 
-    def tandem(self, name: str, redis: bool = False) -> Child:
+    def tandem(self, name: str, redis: bool = False, **extra: str) -> Child:
         port = free_port()
         data = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.out))
         settings = {"HOST": LOOPBACK, "PORT": str(port), "DATA_DIR": str(data / "data"), "RATE_LIMIT_ENABLED": "0"}
@@ -235,6 +236,7 @@ class Bench:
         settings |= {"MAX_SOCKETS": "0", "MAX_SOCKETS_IP": "0"}
         if redis:
             settings["REDIS_URL"] = self.redis_url
+        settings |= extra
         child = spawn(
             name,
             [PYTHON, str(ROOT / "server.py")],
@@ -271,13 +273,38 @@ class Bench:
     def start_redis(self) -> None:
         if self.redis is not None:
             return
+        port = free_port()
+        self.redis = spawn("redis", self._redis_args("redis", port), self.out / "logs" / "redis.log", port=port)
+        self.redis.wait_listening()
+        self.redis_url = f"redis://{LOOPBACK}:{port}/0"
+        with contextlib.closing(self.redis_client()) as client:
+            self.redis_version = str(client.info("server").get("redis_version", "?"))
+
+    def start_replica(self) -> None:
+        """A replica of the private Redis (figure 8), in sync before it returns."""
+        self.start_redis()
+        if self.replica is not None:
+            return
+        assert self.redis is not None
+        port = free_port()
+        args = [*self._redis_args("replica", port), "--replicaof", LOOPBACK, str(self.redis.port)]
+        self.replica = spawn("replica", args, self.out / "logs" / "replica.log", port=port).wait_listening()
+        deadline = time.monotonic() + READY_TIMEOUT
+        with contextlib.closing(self.redis_client()) as client:
+            while time.monotonic() < deadline:
+                slave = client.info("replication").get("slave0")
+                if isinstance(slave, dict) and slave.get("state") == "online":
+                    return
+                time.sleep(0.1)
+        raise RuntimeError("the replica did not come in sync")
+
+    def _redis_args(self, name: str, port: int) -> list[str]:
         binary = shutil.which("redis-server")
         if binary is None:
-            raise RuntimeError("redis-server is not on PATH (figures 2, 3, 5 and 6 need it)")
-        port = free_port()
-        directory = self.out / "redis"
+            raise RuntimeError("redis-server is not on PATH (figures 2, 3, 5, 6 and 8 need it)")
+        directory = self.out / name
         directory.mkdir(parents=True, exist_ok=True)
-        args = [
+        return [
             binary,
             "--bind",
             LOOPBACK,
@@ -296,10 +323,6 @@ class Bench:
             "--daemonize",
             "no",
         ]
-        self.redis = spawn("redis", args, self.out / "logs" / "redis.log", port=port).wait_listening()
-        self.redis_url = f"redis://{LOOPBACK}:{port}/0"
-        with contextlib.closing(self.redis_client()) as client:
-            self.redis_version = str(client.info("server").get("redis_version", "?"))
 
     def redis_client(self) -> redis.Redis:
         assert self.redis is not None
@@ -320,9 +343,10 @@ class Bench:
         for child in reversed(self.children):
             child.stop(5)
         self.children.clear()
-        if self.redis is not None:
-            self.redis.stop(5)
-            self.redis = None
+        for server in (self.replica, self.redis):
+            if server is not None:
+                server.stop(5)
+        self.redis = self.replica = None
 
     # -- load --
 
@@ -417,9 +441,15 @@ class Bench:
             elif kind == "socketio":
                 self.flush_redis()
                 servers = [self.socketio()]
+            elif kind in ("redis-replica", "redis-wait"):  # figure 8: a master with a replica
+                self.flush_redis()
+                waits = {"REDIS_ACK_REPLICAS": "1"} if kind == "redis-wait" else {}
+                servers = [self.tandem(f"tandem-{kind}", redis=True, **waits)]
             watch = {f"server{i + 1}": s for i, s in enumerate(servers)}
-            if self.redis is not None and kind in ("redis", "redis2", "socketio"):
+            if self.redis is not None and kind in ("redis", "redis2", "socketio", "redis-replica", "redis-wait"):
                 watch["redis"] = self.redis
+            if self.replica is not None and kind in ("redis-replica", "redis-wait"):
+                watch["replica"] = self.replica
             urls = [f"ws://{LOOPBACK}:{s.port}/ws" for s in servers]
             if kind == "socketio":
                 urls = [f"http://{LOOPBACK}:{s.port}" for s in servers]
@@ -775,6 +805,14 @@ def build_table(plan: Plan, runs: dict[str, list[Measure]], profiles: dict[str, 
         latencies(lat_redis2, f"latency at {plan.rate:,.0f} msgs/s, 2 instances", None, "6")
         if lat_redis:
             t.detail("p99 of 1 instance, ms (figure 3)", f"{med([m.p(99) for m in lat_redis]):.2f}")
+    replica, wait = get("throughput redis-replica", []), get("throughput redis-wait", [])
+    if 8 in figures and replica and wait:
+        values = ratios(wait, replica)
+        t.figure("8 throughput, ack waits for a replica ÷ not (REDIS_ACK_REPLICAS=1 ÷ 0)", values, ".2f", "", "", "")
+        rates(wait, "REDIS_ACK_REPLICAS=1, msgs/s")
+        store_time(wait)
+        rates(replica, "REDIS_ACK_REPLICAS=0, same master and replica, msgs/s")
+        store_time(replica)
     if 7 in figures:
         for kind, profile in profiles.items():
             if not profile.samples:
@@ -861,6 +899,8 @@ def main(argv: list[str] | None = None) -> int:
             needs_redis = figures & {2, 3, 5, 6} or 7 in figures
             if needs_redis:
                 bench.start_redis()
+            if 8 in figures:
+                bench.start_replica()
             throughput_kinds = [
                 k
                 for k, figs in (
@@ -869,6 +909,8 @@ def main(argv: list[str] | None = None) -> int:
                     ("redis", {2, 5, 6}),
                     ("socketio", {5}),
                     ("redis2", {6}),
+                    ("redis-replica", {8}),
+                    ("redis-wait", {8}),
                 )
                 if figs & figures
             ]

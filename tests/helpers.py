@@ -40,9 +40,13 @@ ROOT = Path(__file__).resolve().parent.parent
 RECEIVE_TIMEOUT = 5.0
 START_TIMEOUT = 15.0
 PROCESS_TIMEOUT = 15.0  # longest wait for a process to exit
-# The Redis every developer and CI runs; tests that stop, restart or cluster
-# Redis start their own (tests/redis_servers.py).
-SHARED_REDIS_URL = "redis://127.0.0.1:6379/0"
+# The Redis and the PostgreSQL (user postgres, trust auth) the tests share: the
+# machine's, or others named by TANDEM_TEST_REDIS_URL / TANDEM_TEST_PG_URL. Where
+# none answers, conftest.py starts private ones for the run and points these (and
+# the environment the xdist workers inherit) at them. Tests that stop, restart or
+# cluster Redis, or stop PostgreSQL, start their own (redis_servers.py, pg_servers.py).
+SHARED_REDIS_URL = os.environ.get("TANDEM_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+SHARED_PG_URL = os.environ.get("TANDEM_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 STORES = ["sqlite", "redis"]
 # Runs a test once per session store (the `store` fixture in conftest.py).
 BOTH_STORES = pytest.mark.parametrize("store", STORES, indirect=True)
@@ -187,15 +191,22 @@ async def wait_exit(server: Server, seconds: float = PROCESS_TIMEOUT) -> int:
     return await trio.to_thread.run_sync(server.wait, seconds)
 
 
-def check_redis(url: str) -> None:
-    """Fail the test (never skip it) unless the Redis at `url` answers PING."""
+def redis_problem(url: str) -> str | None:
+    """Why the Redis at `url` cannot serve the tests (it does not answer PING), or None."""
     client = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
     try:
         client.ping()
     except redis.RedisError as exc:
-        pytest.fail(f"the Redis store tests need a Redis at {url} (start redis-server): {exc!r}")
+        return str(exc) or repr(exc)
     finally:
         client.close()
+    return None
+
+
+def check_redis(url: str) -> None:
+    """Fail the test (never skip it) unless the Redis at `url` answers PING."""
+    if (problem := redis_problem(url)) is not None:
+        pytest.fail(f"the Redis store tests need a Redis at {url} (start redis-server): {problem}")
 
 
 # --- what a store holds of a session, whichever store it is --------------------------
@@ -496,7 +507,24 @@ def http_get(
     url: str, headers: Mapping[str, str] | None = None, timeout: float = 10.0
 ) -> tuple[int, dict[str, str], bytes]:
     """One GET (blocking): (status, headers with lower-case names, body), error statuses included."""
-    request = urllib.request.Request(url, headers=dict(headers or {}))
+    return http_request("GET", url, headers=headers, timeout=timeout)
+
+
+async def http(
+    method: str, url: str, body: object = None, headers: Mapping[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """`http_request` in a worker thread, so that the test's sockets keep reading meanwhile."""
+    return await trio.to_thread.run_sync(lambda: http_request(method, url, body, headers))
+
+
+def http_request(
+    method: str, url: str, body: object = None, headers: Mapping[str, str] | None = None, timeout: float = 10.0
+) -> tuple[int, dict[str, str], bytes]:
+    """One request (blocking), `body` sent as is (bytes) or as JSON: (status, headers with
+    lower-case names, body), error statuses included."""
+    data = body if isinstance(body, bytes) or body is None else orjson.dumps(body)
+    sent = {"Content-Type": "application/json"} if data is not None else {}
+    request = urllib.request.Request(url, data=data, method=method, headers={**sent, **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()

@@ -16,6 +16,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import redis
@@ -40,6 +41,8 @@ class RedisServer:
         password: str | None = None,
         cluster: bool = False,
         tls: TlsFiles | None = None,
+        replica_of: RedisServer | None = None,
+        node_timeout_ms: int = 5000,
     ) -> None:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -49,6 +52,8 @@ class RedisServer:
         self.password = password
         self.cluster = cluster
         self.tls = tls
+        self.replica_of = replica_of
+        self.node_timeout_ms = node_timeout_ms
         self.log_path = self.dir / "redis.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -89,7 +94,9 @@ class RedisServer:
         if self.cluster:
             args += ["--cluster-enabled", "yes", "--cluster-port", str(self.bus_port)]
             args += ["--cluster-config-file", str(self.dir / f"nodes-{self.port}.conf")]
-            args += ["--cluster-node-timeout", "5000"]
+            args += ["--cluster-node-timeout", str(self.node_timeout_ms)]
+        if self.replica_of is not None:
+            args += ["--replicaof", "127.0.0.1", str(self.replica_of.port)]
         return args
 
     def client(self, **options: object) -> redis.Redis:
@@ -101,6 +108,8 @@ class RedisServer:
     def start(self) -> RedisServer:
         if self.running:
             raise AssertionError(f"redis-server on {self.port} is already running")
+        if shutil.which(REDIS_SERVER) is None:
+            raise AssertionError("redis-server is not installed: install it (Debian: apt-get install redis-server)")
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.args(), stdout=log, stderr=subprocess.STDOUT)
         client = self.client(socket_timeout=0.5, socket_connect_timeout=0.5)
@@ -146,6 +155,40 @@ class RedisServer:
             self.proc.kill()
             self.proc.wait(STOP_TIMEOUT)
 
+    def replication(self) -> dict[str, Any]:
+        """INFO replication: `role` ("master" or "slave"), `master_port`, `master_link_status`…"""
+        client = self.client()
+        try:
+            return dict(client.info("replication"))
+        finally:
+            client.close()
+
+    def role(self) -> str:
+        return str(self.replication()["role"])
+
+    def pause(self) -> None:
+        """SIGSTOP: the process holds its sockets and answers nothing."""
+        assert self.proc is not None and self.proc.poll() is None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    def replicas_online(self) -> int:
+        """Replicas this master streams to (a replica after a sync counts once its first ACK came)."""
+        info = self.replication()
+        return sum(1 for n in range(int(info.get("connected_slaves", 0))) if info[f"slave{n}"]["state"] == "online")
+
+    def wait_replicated(self, timeout: float = START_TIMEOUT) -> None:
+        """Until this replica is in sync with its master and the master counts it for WAIT."""
+        assert self.replica_of is not None
+        for _ in range(int(timeout / 0.05)):
+            if self.replication().get("master_link_status") == "up" and self.replica_of.replicas_online():
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"replica on {self.port} did not sync:\n{self.output()}")
+
 
 RedisFactory = Callable[..., RedisServer]  # starts a RedisServer: the `private_redis` fixture
 
@@ -170,14 +213,25 @@ class TlsFiles:
 
 
 class RedisCluster3:
-    """A real Redis Cluster of three masters, no replicas, on private ports."""
+    """A real Redis Cluster of three masters (and `replicas` replicas of each) on private ports."""
 
-    def __init__(self, directory: Path, *, appendonly: bool = False) -> None:
-        self.nodes = [RedisServer(directory / f"node-{n}", cluster=True, appendonly=appendonly) for n in range(3)]
+    def __init__(
+        self, directory: Path, *, appendonly: bool = False, replicas: int = 0, node_timeout_ms: int = 5000
+    ) -> None:
+        self.replicas = replicas
+        self.nodes = [
+            RedisServer(directory / f"node-{n}", cluster=True, appendonly=appendonly, node_timeout_ms=node_timeout_ms)
+            for n in range(3 * (1 + replicas))
+        ]
 
     @property
     def url(self) -> str:
         return self.nodes[0].url()
+
+    @property
+    def seeds(self) -> str:
+        """REDIS_URL naming every node as a seed."""
+        return "redis://" + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes)
 
     def start(self) -> RedisCluster3:
         try:
@@ -185,7 +239,15 @@ class RedisCluster3:
                 node.start()
             addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
             created = subprocess.run(
-                [REDIS_CLI, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+                [
+                    REDIS_CLI,
+                    "--cluster",
+                    "create",
+                    *addresses,
+                    "--cluster-replicas",
+                    str(self.replicas),
+                    "--cluster-yes",
+                ],
                 capture_output=True,
                 text=True,
                 timeout=CLUSTER_TIMEOUT,
@@ -199,10 +261,10 @@ class RedisCluster3:
             raise
         return self
 
-    def _wait_ok(self) -> None:
-        """Until every node says cluster_state:ok with all 16384 slots served."""
+    def _wait_ok(self, replicas: int | None = None) -> None:
+        """Until every node says cluster_state:ok with all 16384 slots served, and replicas are in sync."""
         deadline = time.monotonic() + CLUSTER_TIMEOUT
-        pending = list(self.nodes)
+        pending = [node for node in self.nodes if node.running]
         text = ""
         for _ in range(int(CLUSTER_TIMEOUT / 0.05) + len(self.nodes)):
             if not pending:
@@ -214,7 +276,9 @@ class RedisCluster3:
                 timeout=5,
                 check=False,
             ).stdout
-            if "cluster_state:ok" in text and "cluster_slots_ok:16384" in text:
+            wanted = self.replicas if replicas is None else replicas
+            synced = pending[0].role() != "master" or pending[0].replicas_online() >= wanted
+            if "cluster_state:ok" in text and "cluster_slots_ok:16384" in text and synced:
                 pending.pop(0)
             elif time.monotonic() > deadline:
                 break
@@ -227,9 +291,23 @@ class RedisCluster3:
         """After a node restarted: until the cluster serves every slot again."""
         self._wait_ok()
 
+    def wait_failover(self) -> None:
+        """After a master died: until a replica of it is master and every slot is served."""
+        deadline = time.monotonic() + CLUSTER_TIMEOUT
+        for _ in range(int(CLUSTER_TIMEOUT / 0.1)):
+            if sum(node.role() == "master" for node in self.nodes if node.running) == 3:
+                self._wait_ok(replicas=0)  # the promoted master has none until the dead one is back
+                return
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        raise AssertionError("no replica took over the dead master's slots")
+
     def owner(self, key: str) -> RedisServer:
         """The master that serves the slot of `key` (the others answer MOVED)."""
         for node in self.nodes:
+            if not node.running or node.role() != "master":
+                continue
             client = node.client()
             try:
                 client.exists(key)
@@ -239,6 +317,13 @@ class RedisCluster3:
             finally:
                 client.close()
         raise AssertionError(f"no node serves {key}")
+
+    def replica_of(self, master: RedisServer) -> RedisServer:
+        """A running replica of `master`."""
+        for node in self.nodes:
+            if node is not master and node.running and int(node.replication().get("master_port", 0)) == master.port:
+                return node
+        raise AssertionError(f"no replica of {master.port}")
 
     def client(self) -> redis.cluster.RedisCluster:
         return redis.cluster.RedisCluster(host="127.0.0.1", port=self.nodes[0].port, socket_timeout=2.0)

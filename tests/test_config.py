@@ -1,6 +1,6 @@
 """The settings table in config.py: the Config it builds, the bounds it enforces, the documents printed from it.
 
-README's settings table and .env.example must be exactly what `python config.py --markdown` and
+docs/configuration.md's settings table and .env.example must be exactly what `python config.py --markdown` and
 `--env-example` print; every setting refuses a bad value with a ConfigError naming it, and
 `python server.py` turns that into one line and exit code 2.
 """
@@ -29,6 +29,8 @@ ROOMY = {
     "SEND_QUEUE_BYTES": {"MAX_MESSAGE_BYTES": "256"},
     "PRE_DRAIN_DELAY": {"SHUTDOWN_GRACE": "600"},
     "SHUTDOWN_GRACE": {"PRE_DRAIN_DELAY": "0"},
+    "AUTH_LEEWAY": {"AUTH_JWT_SECRET": "k" * 32},  # only with authentication on
+    "AUTH_TIMEOUT": {"AUTH_JWT_SECRET": "k" * 32},
 }
 # A refused value of every setting that is not numeric, flag, choice or rate (those are derived from their kind).
 BAD_TEXT = {
@@ -41,8 +43,17 @@ BAD_TEXT = {
     "HASH_KEY": "too short",
     "METRICS_TOKEN": "too short",
     "METRICS_ADDRESS": "9464",
+    "AUTH_JWT_SECRET": "shorter than 32 characters",
+    "AUTH_JWKS_URL": "ftp://keys.example.com/jwks.json",
+    "SUPABASE_URL": "https://abcdefgh.supabase.co/auth/v1",
+    "AUTH_ISSUER": "https://issuer example",
+    "MOTD": "a bell \a",
+    "ADMIN_TOKEN": "too short",
+    "SMTP_URL": "smtp://user:hunter2@mail.example.com:99999",
+    "EMAIL_FROM": "Tandem <invites@example.com>, other@example.com",
+    "PUBLIC_URL": "https://pair.example.com/#code",
 }
-ACCEPTS_ANYTHING = {"DATA_DIR"}  # any text is a path
+ACCEPTS_ANYTHING = {"DATA_DIR", "AUTH_AUDIENCE"}  # any text is a path; any list of audiences
 
 
 def refuse(env: dict[str, str], name: str) -> ConfigError:
@@ -80,15 +91,16 @@ def test_every_config_field_has_exactly_one_entry_and_every_entry_a_field() -> N
     assert SETTINGS[0].section, "the first setting must start a section of .env.example"
 
 
-def test_readme_table_and_env_example_are_generated_from_the_table() -> None:
+def test_docs_table_and_env_example_are_generated_from_the_table() -> None:
     def printed(option: str) -> str:
         command = [sys.executable, "config.py", option]
         return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True, timeout=30).stdout
 
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    block = re.search(r"^<!-- settings:begin -->\n(.*?)^<!-- settings:end -->$", readme, re.DOTALL | re.MULTILINE)
-    assert block is not None, "README.md lacks the <!-- settings:begin --> / <!-- settings:end --> markers"
-    assert block.group(1) == printed("--markdown"), "README's table is stale: paste `python config.py --markdown`"
+    page = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    block = re.search(r"^<!-- settings:begin -->\n(.*?)^<!-- settings:end -->$", page, re.DOTALL | re.MULTILINE)
+    assert block is not None, "docs/configuration.md lacks the <!-- settings:begin --> / <!-- settings:end --> markers"
+    stale = "docs/configuration.md's table is stale: paste `python config.py --markdown`"
+    assert block.group(1) == printed("--markdown"), stale
     env_example = (ROOT / ".env.example").read_text(encoding="utf-8")
     assert env_example == printed("--env-example"), "stale: run `python config.py --env-example > .env.example`"
     assert re.findall(r"^([A-Z][A-Z0-9_]+)=", env_example, re.MULTILINE) == list(BY_NAME)
@@ -118,7 +130,7 @@ def test_numeric_bounds_are_enforced(s: Setting) -> None:
 
 def test_rate_bounds_are_enforced() -> None:
     rates = [s for s in SETTINGS if s.kind.unit == "rate"]
-    assert len(rates) == 6
+    assert len(rates) == 8
     for s in rates:
         for value, expected in (("1/0.001", (1, 0.001)), ("1000000/86400", (1_000_000, 86400.0)), ("off", None)):
             assert getattr(load({s.name: value}, dotenv=None), s.field) == expected
@@ -143,6 +155,41 @@ def test_cross_setting_checks() -> None:
     assert (config.pre_drain_delay, config.send_queue_bytes) == (5.0, 2**20)
 
 
+# The settings e-mail invitations need, all in force.
+EMAIL = {
+    "SMTP_URL": "smtps://invites%40example.com:hunter2@mail.example.com",
+    "EMAIL_FROM": "Tandem <invites@example.com>",
+    "PUBLIC_URL": "https://pair.example.com/",
+}
+
+
+def test_email_settings_and_their_combinations() -> None:
+    config = load(EMAIL, dotenv=None)
+    assert config.public_url == "https://pair.example.com" and config.email_from == "Tandem <invites@example.com>"
+    assert config.rate_limit_email_session == (5, 86400.0) and config.rate_limit_email_recipient == (3, 86400.0)
+    for missing in ("EMAIL_FROM", "PUBLIC_URL"):
+        assert "SMTP_URL is set" in str(refuse({**EMAIL, missing: ""}, missing))
+    # E-mail is never sent unlimited: neither all limits off, nor one of its own.
+    refuse({**EMAIL, "RATE_LIMIT_ENABLED": "0"}, "RATE_LIMIT_ENABLED")
+    for name in ("RATE_LIMIT_API_IP", "RATE_LIMIT_EMAIL_SESSION", "RATE_LIMIT_EMAIL_RECIPIENT"):
+        refuse({**EMAIL, name: "off"}, name)
+    assert load({"RATE_LIMIT_ENABLED": "0", "RATE_LIMIT_EMAIL_SESSION": "off"}, dotenv=None).smtp_url is None
+    for bad in (
+        "http://mail.example.com",
+        "smtp://",
+        "smtp://mail.example.com/path",
+        "smtp://mail.example.com?tls=0",
+        "smtp://mail example.com",
+    ):
+        refuse({"SMTP_URL": bad}, "SMTP_URL")
+    injected = "Bob <a@example.com>\r\nBcc: x@example.com"
+    for bad in ("invites", "a@b", "<invites@example.com", injected, "a,b@example.com"):
+        refuse({"EMAIL_FROM": bad}, "EMAIL_FROM")
+    for bad in ("pair.example.com", "ftp://pair.example.com", "https://pair.example.com/?x=1", "https://"):
+        refuse({"PUBLIC_URL": bad}, "PUBLIC_URL")
+    assert "hunter2" not in str(refuse({"SMTP_URL": "smtp://u:hunter2@mail.example.com:99999"}, "SMTP_URL"))
+
+
 def test_values_are_normalised_and_secrets_stay_out_of_repr() -> None:
     env = {
         "LOG_LEVEL": "debug",
@@ -155,13 +202,15 @@ def test_values_are_normalised_and_secrets_stay_out_of_repr() -> None:
         "DATABASE_URL": "postgresql://u:hunter2@db/x",
         "HASH_KEY": "0123456789abcdef-key",
         "METRICS_TOKEN": "0123456789abcdef-token",
+        "ADMIN_TOKEN": "0123456789abcdef-admin",
+        **EMAIL,
     }
     config = load(env, dotenv=None)
     assert (config.log_level, config.log_format, config.sqlite_synchronous) == ("DEBUG", "json", "NORMAL")
     assert config.allowed_origins == ("https://a.example.com", "https://b.example.com")
     assert config.trusted_proxies == ("10.0.0.0/8", "::1/128") and config.redis_cluster
     assert load({"ALLOWED_ORIGINS": "https://a.example.com, *"}, dotenv=None).allowed_origins == ()
-    assert not re.search(r"hunter2|-key|-token", repr(config))
+    assert not re.search(r"hunter2|-key|-token|-admin", repr(config))
 
 
 def test_dotenv_is_read_under_the_environment(tmp_path: Path) -> None:
@@ -184,6 +233,7 @@ def test_server_exits_2_with_one_line_naming_a_bad_setting(tmp_path: Path) -> No
         "DATABASE_URL": {"DATABASE_URL": "mysql://root:hunter2@db/x"},
         "LOG_LEVEL": {"LOG_LEVEL": "loud"},
         "PRE_DRAIN_DELAY": {"PRE_DRAIN_DELAY": "6", "SHUTDOWN_GRACE": "10"},
+        "EMAIL_FROM": {"SMTP_URL": "smtp://u:hunter2@127.0.0.1:1", "PUBLIC_URL": "https://pair.example.com"},
     }
     clean = {k: v for k, v in os.environ.items() if k not in BY_NAME}
     runs = {

@@ -21,7 +21,7 @@ import orjson
 import psycopg
 import pytest
 import trio
-from helpers import ROOT, ServerFactory, base_env, connect, eventually, free_port, log_lines, paired
+from helpers import ROOT, ServerFactory, base_env, connect, eventually, free_port, http, log_lines, paired
 from pg_servers import PrivateCluster, scratch_database
 
 import archive as archive_module
@@ -159,8 +159,8 @@ def test_two_migrators_at_once_one_applies_the_other_waits_and_finds_nothing(pg_
                         [sys.executable, str(ROOT / "server.py"), "migrate"],
                         cwd=tmp_path,
                         env=env,
-                        stdout=out,
-                        stderr=subprocess.STDOUT,
+                        stdout=out,  # the JSON log lines; the one-line summary on stderr goes apart,
+                        stderr=subprocess.DEVNULL,  # so that the two never interleave in one file
                     )
                 )
         deadline = time.monotonic() + 20
@@ -180,10 +180,8 @@ def test_two_migrators_at_once_one_applies_the_other_waits_and_finds_nothing(pg_
         codes = [proc.wait(60) for proc in procs]
     texts = [o.read_text() for o in outputs]
     assert codes == [0, 0], texts
-    done = [
-        next(orjson.loads(line) for line in text.splitlines() if line.startswith("{") and "migrate.done" in line)
-        for text in texts
-    ]
+    done = [orjson.loads(line) for text in texts for line in text.splitlines() if '"migrate.done"' in line]
+    assert len(done) == 2, texts
     assert sorted(len(d["applied"]) for d in done) == [0, len(APPLIED_ALL)], done
     loser = next(d for d in done if not d["applied"])
     assert loser["waited_s"] >= 0.5, done
@@ -202,8 +200,8 @@ def test_migrate_command_exit_codes(pg_url: str, tmp_path: Path) -> None:
     # The server with MIGRATE_ON_START=1 does not start without its schema.
     listen = {"HOST": "127.0.0.1", "PORT": str(free_port()), "DATA_DIR": str(tmp_path / "data")}
     result = run_cli(cwd=tmp_path, DATABASE_URL=dead, MIGRATE_ON_START="1", **listen)
-    assert result.returncode == 1, result
-    assert "cannot connect to PostgreSQL" in result.stdout + result.stderr, result
+    assert result.returncode == 2, result
+    assert f"tandem: DATABASE_URL={dead}: cannot connect to PostgreSQL" in result.stderr, result
     assert run_cli("migrate", "now", cwd=tmp_path).returncode == 2
 
     result = run_cli("migrate", cwd=tmp_path, DATABASE_URL=pg_url)
@@ -339,6 +337,25 @@ async def test_metadata_only_and_expiry_is_archived(pg_url: str, tandem_factory:
     )
 
 
+async def test_a_session_an_operator_ended_is_archived_with_reason_ended(
+    pg_url: str, tandem_factory: ServerFactory
+) -> None:
+    migrations.migrate(pg_url)
+    token = "admin-token-0123456789-abcdef"
+    server = tandem_factory(DATABASE_URL=pg_url, ARCHIVE_FLUSH_MS="50", ADMIN_TOKEN=token)
+    async with paired(server) as (a, b, created, _):
+        status, _, _ = await http(
+            "DELETE",
+            f"{server.http}/api/debug/sessions/{created['code']}",
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        assert status == 204
+        for client in (a, b):
+            assert (await client.expect("session:expired"))["reason"] == "ended"
+    rows = await archived(pg_url, "SELECT end_reason FROM sessions WHERE ended_at IS NOT NULL", lambda r: len(r) == 1)
+    assert rows == [("ended",)]
+
+
 async def test_sigterm_flushes_the_queue_before_exit(pg_url: str, tandem_factory: ServerFactory) -> None:
     migrations.migrate(pg_url)
     # Nothing would be written for a minute, nor before 10,000 rows: only the shutdown flushes.
@@ -399,6 +416,11 @@ async def test_postgresql_down_mid_run_the_relay_keeps_working_and_rows_arrive_a
                 async with paired(server) as (c, d, during, _):
                     await c.message("during the outage")
                     await d.expect("message")
+            # Still in service: the archive's check only warns.
+            status, _, body = await http("GET", server.http + "/health/ready")
+            report = orjson.loads(body)
+            assert status == 200 and report["status"] == "warn", (status, report)
+            assert report["checks"]["database:responseTime"][0]["status"] == "fail", report
             await trio.sleep(archive_module.POOL_WAIT_S + 1)  # long enough for the writer to give up once
             await trio.to_thread.run_sync(cluster.start)
 

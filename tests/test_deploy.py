@@ -2,7 +2,7 @@
 
 The Dockerfile's final stage is replayed into a directory and its CMD and
 HEALTHCHECK run there with its ENV; `docker-compose config` validates the
-compose file. (.env.example and README's settings table: tests/test_config.py.)
+compose file. (.env.example and docs/configuration.md's settings table: tests/test_config.py.)
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def test_dockerfile_is_multi_stage_slim_non_root_with_probe_signal_port_and_volu
     assert env["DATA_DIR"] in exec_form(runtime.last("VOLUME"))
     # Runtime dependencies only: the dev requirements are never installed.
     text = (ROOT / "Dockerfile").read_text()
-    assert "requirements-dev" not in text and "requirements.txt" in text
+    assert "requirements-dev" not in text and "--require-hashes" in text and "requirements.lock" in text
     copies = runtime.all("COPY")
     assert any(args.startswith("--from=") for args in copies), "the runtime stage takes the built dependencies"
     assert not any(" . " in f" {args} " for args in copies), "the whole build context is never copied"

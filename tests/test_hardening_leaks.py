@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import http.client
 import io
+import ipaddress
 import logging
 import math
 import secrets
@@ -19,6 +20,7 @@ import statistics
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +31,10 @@ import trio
 from helpers import BOTH_STORES, CODE_HASH, Server, ServerFactory, connect, free_port, http_get, log_lines
 
 import config as config_module
+import health
 import logging_setup
 import redaction
+from limiter import client_ip
 from metrics import Metrics, RenderCache, StoreMetrics
 
 HASH_KEY = "leaks-test-key-0123456789"
@@ -342,3 +346,19 @@ async def test_concurrent_scrapes_share_one_render_per_cache_period() -> None:
     assert await cache.get("json", render) == b"body at 0.0" and cache.renders == 2  # a form of its own
     now[0] = 1.0
     assert await cache.get("text", render) == b"body at 1.0" and cache.renders == 3
+
+
+def test_a_trusted_proxy_naming_loopback_does_not_make_a_remote_peer_local() -> None:
+    """A peer inside TRUSTED_PROXIES (a pod in a private range) sending X-Forwarded-For: 127.0.0.1."""
+    trusted = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("127.0.0.0/8"))
+    resolve = partial(client_ip, trusted=trusted)
+
+    def scope(peer: str, forwarded: str | None = None) -> dict[str, Any]:
+        headers = [(b"x-forwarded-for", forwarded.encode())] if forwarded else []
+        return {"type": "http", "client": (peer, 40000), "headers": headers}
+
+    assert not health.from_loopback(scope("10.1.2.3", "127.0.0.1"), resolve)
+    assert not health.from_loopback(scope("10.1.2.3"), resolve)
+    assert not health.from_loopback(scope("127.0.0.1", NOT_LOOPBACK), resolve)  # a local proxy for a remote client
+    assert health.from_loopback(scope("127.0.0.1"), resolve)
+    assert health.from_loopback(scope("127.0.0.1", "127.0.0.5"), resolve)

@@ -221,7 +221,7 @@ async def test_send_or_leave_without_a_session_is_not_in_session(tandem: Server)
 
 
 async def test_resume_with_wrong_credentials_is_not_found(tandem: Server) -> None:
-    # One answer for an unknown code and for wrong credentials (README, "Security").
+    # One answer for an unknown code and for wrong credentials (docs/security.md).
     async with paired(tandem) as (a, b, created, joined), connect(tandem) as c:
         code = created["code"]
         wrong_token = {

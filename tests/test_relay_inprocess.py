@@ -213,7 +213,13 @@ class FakeStore(SessionStore):
         return message
 
     async def create(
-        self, new_code: Callable[[], str], client_id: str, token_hash: bytes, conn_id: str, now: int
+        self,
+        new_code: Callable[[], str],
+        client_id: str,
+        token_hash: bytes,
+        conn_id: str,
+        now: int,
+        user: str | None = None,
     ) -> Created:
         await self._enter("create")
         code = new_code()
@@ -222,7 +228,9 @@ class FakeStore(SessionStore):
         self._commit("create", [])
         return Created(code, now + 1_800_000)
 
-    async def join(self, code: str, client_id: str, token_hash: bytes, conn_id: str, now: int) -> Joined:
+    async def join(
+        self, code: str, client_id: str, token_hash: bytes, conn_id: str, now: int, user: str | None = None
+    ) -> Joined:
         await self._enter("join")
         session = self._live(code)
         if len(session.members) >= MAX_MEMBERS:
@@ -234,7 +242,14 @@ class FakeStore(SessionStore):
         return joined
 
     async def resume(
-        self, code: str, client_id: str, token_hash: bytes, conn_id: str, last_seq: int, now: int
+        self,
+        code: str,
+        client_id: str,
+        token_hash: bytes,
+        conn_id: str,
+        last_seq: int,
+        now: int,
+        user: str | None = None,
     ) -> Resumed:
         await self._enter("resume")
         session = self.sessions.get(code)
