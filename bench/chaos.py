@@ -88,7 +88,7 @@ NO_CLOSE_FRAME = 1006
 SWEEP_INTERVAL = 0.25  # s between expiry sweeps: a session past its deadline ends within this
 # Presence: a member's peers are told it went on- or offline within PRESENCE_PROMPT
 # s of a drop, resume, leave or drain; within PRESENCE_AFTER_FAULT s of a fault on
-# Redis (an instance's kill -9: README's dead-instance bound; Redis down or pub/sub
+# Redis (an instance's kill -9: the dead-instance bound; Redis down or pub/sub
 # cut: the listener's reconnect and resync); within the pause after a SIGSTOP.
 PRESENCE_PROMPT = 3.0
 PRESENCE_AFTER_FAULT = 10.0
@@ -434,7 +434,7 @@ class Slot:
     roles: list[MemberModel | None] = field(default_factory=lambda: [None, None])
     busy: set[int] = field(default_factory=set)  # roles whose create or join is in flight
     ghost: bool = False  # a join whose reply was lost may hold a place
-    stale_ghost: bool = False  # ... and, lost in a store outage, may stay online (README, Known limits)
+    stale_ghost: bool = False  # ... and, lost in a store outage, may stay online (docs/architecture.md, Known limits)
     full: bool = False  # ... and one did: a join got session_full
 
     def members(self) -> list[tuple[int, MemberModel]]:
@@ -1103,7 +1103,7 @@ class Engine:
 
     def closed_in_outage(self, link: Link) -> None:
         """`link` closed during a store outage: its member, or the member its join or
-        resume may have made, may stay online for its peers (README, Known limits)."""
+        resume may have made, may stay online for its peers (docs/architecture.md, Known limits)."""
         if link.view is not None:
             link.view.member.stale_online = True
         for pending in link.pending.values():

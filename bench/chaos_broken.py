@@ -75,6 +75,22 @@ BROKEN: dict[str, Broken] = {
             ),
         ),
     ),
+    # The stores keep the `mid` on the message but never look it up: a resend is
+    # stored again under a new seq, its `mid` intact (SQLite's unique index on it
+    # goes too), so only the model's "stored twice" check can tell.
+    "double-append": Broken(
+        "a resend with a known mid is appended again",
+        "both",
+        (
+            Edit(
+                "sqlite_store.py",
+                '"SELECT seq FROM messages WHERE code = ? AND sender = ? AND mid = ?"',
+                '"SELECT seq FROM messages WHERE code = ? AND sender = ? AND mid = ? AND 0"',  # never finds it
+            ),
+            Edit("sqlite_store.py", "CREATE UNIQUE INDEX IF NOT EXISTS", "CREATE INDEX IF NOT EXISTS"),
+            Edit("redis_scripts.py", "  if stored then\n", "  if false then  -- BROKEN\n"),
+        ),
+    ),
     # A member that goes offline is never announced: its peer believes it online.
     "no-offline": Broken(
         "the relay never sends session:presence online: false",

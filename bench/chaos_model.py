@@ -136,7 +136,7 @@ class MemberModel:
     sends: list[Sent] = field(default_factory=list)
     # One of its connections closed (or its resume was answered `unavailable`)
     # while the store was down, so the server could not mark it offline: its
-    # peers may see it online until it resumes (README, Known limits).
+    # peers may see it online until it resumes (docs/architecture.md, Known limits).
     stale_online: bool = False
 
     def excused(self, seq: int) -> Excuse | None:

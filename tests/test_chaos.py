@@ -7,7 +7,7 @@ pub/sub connections, a session reaching its deadline), bounded in steps and in
 time, and checks every frame and the members' presence against the model
 (bench/chaos_model.py), whose own checks are tested below on hand-made histories.
 The Redis Cluster plan (`--store cluster`) takes seconds per failover: it is
-run by hand (README, "Chaos testing").
+run by hand (docs/testing.md, "Chaos testing").
 """
 
 from __future__ import annotations
