@@ -226,12 +226,7 @@ class RedisStore(SessionStore):
                 self._layout_changed(exc)
                 _fail(todo, redis_client.unavailable(type(exc).__name__))
                 return
-            if self._ack_replicas:
-                replicas = results.pop()
-                if not isinstance(replicas, int) or replicas < self._ack_replicas:
-                    # The writes happened on the master; an ack would promise more.
-                    _fail(todo, redis_client.unavailable(f"{replicas} of {self._ack_replicas} replicas confirmed"))
-                    return
+            replicas = results.pop() if self._ack_replicas else None
             missing = []
             for op, result in zip(todo, results, strict=True):
                 if isinstance(result, redis.exceptions.NoScriptError):
@@ -243,6 +238,17 @@ class RedisStore(SessionStore):
                     op.error = result
                 else:
                     op.result = result
+            if replicas is not None and not (isinstance(replicas, int) and replicas >= self._ack_replicas):
+                # The writes happened on the master; an ack would promise more. A WAIT that
+                # failed (the node became a replica in a failover) says the layout changed.
+                if isinstance(replicas, Exception):
+                    self._layout_changed(replicas)
+                    unconfirmed = redis_client.unavailable(type(replicas).__name__)
+                else:
+                    unconfirmed = redis_client.unavailable(f"{replicas} of {self._ack_replicas} replicas confirmed")
+                for op in todo:
+                    if op not in missing and op.error is None:
+                        op.error = unconfirmed
             if not missing:
                 return
             todo = missing
