@@ -3,6 +3,7 @@
 Each fix replaces one Hypercorn or wsproto method with a corrected copy (ping/close race, missing close
 frames, unbounded inflation, HTTP/2 reset floods), and `TCPServer.run` is wrapped so that an error of
 one connection closes that connection only. Compression and cleartext HTTP/2 stay off unless enabled.
+A WebSocket app may send a burst of text frames in one socket write (`SEND_FRAMES`).
 """
 
 from __future__ import annotations
@@ -20,14 +21,16 @@ import h2.events
 import trio
 from hypercorn.events import Closed, RawData
 from hypercorn.protocol import ProtocolWrapper, ws_stream
-from hypercorn.protocol.events import StreamClosed
+from hypercorn.protocol.events import Data, StreamClosed
 from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.h11 import H2ProtocolAssumedError, H11Protocol
 from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.utils import UnexpectedMessageError
 from wsproto.connection import ConnectionState
-from wsproto.events import CloseConnection, Message, Ping
+from wsproto.events import CloseConnection, Message, Ping, TextMessage
 from wsproto.extensions import PerMessageDeflate
 from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol, Opcode, RsvBits
+from wsproto.utilities import LocalProtocolError
 
 FIXED_VERSION = "0.18.0"
 
@@ -69,6 +72,7 @@ _original_handshake_init = ws_stream.Handshake.__init__
 _original_check_protocol = H11Protocol._check_protocol
 _original_wrapper_handle = ProtocolWrapper.handle
 _original_h2_handle_events = H2Protocol._handle_events
+_original_app_send = ws_stream.WSStream.app_send
 
 
 # --- one connection's error closes that connection only ---------------------------
@@ -168,6 +172,35 @@ async def _ws_handle_events(self: Any) -> None:
             elif self.connection.state is ConnectionState.OPEN:  # wsproto's ParseFailed
                 await self._send_wsproto_event(CloseConnection(code=event.code))
             await self.send(StreamClosed(stream_id=self.stream_id))
+
+
+# The ASGI message a WebSocket app sends several text frames with, written to
+# the socket in one send: {"type": SEND_FRAMES, "texts": [...]}. An app asks
+# `sends_frames(send)` whether its server takes it.
+SEND_FRAMES = "tandem.websocket.send_frames"
+
+
+async def _ws_app_send(self: Any, message: Any) -> None:
+    """WSStream.app_send, also taking SEND_FRAMES: each text is framed as
+    `websocket.send` frames it, and the burst goes out in one write, one
+    system call instead of one per frame."""
+    if message is None or message["type"] != SEND_FRAMES:
+        await _original_app_send(self, message)
+        return
+    if self.closed:
+        return  # as websocket.send: the client is gone, the app may finish
+    if self.state is not ws_stream.ASGIWebsocketState.CONNECTED:
+        raise UnexpectedMessageError(self.state, message["type"])
+    try:
+        data = b"".join([self.connection.send(TextMessage(data=text)) for text in message["texts"]])
+    except LocalProtocolError:
+        return  # the connection is closing: as `_send_wsproto_event`, nothing more goes out
+    await self.send(Data(stream_id=self.stream_id, data=data))
+
+
+def sends_frames(send: Callable[..., Any]) -> bool:
+    """Whether an ASGI `send` callable is a WebSocket's that takes SEND_FRAMES."""
+    return getattr(send, "__func__", None) is _ws_app_send
 
 
 async def _ws_send_pings(self: Any) -> None:
@@ -322,6 +355,7 @@ def install(
     TCPServer.protocol_send = _tcp_protocol_send  # type: ignore[method-assign]
     ws_stream.WSStream._handle_events = _ws_handle_events  # type: ignore[method-assign]
     ws_stream.WSStream._send_pings = _ws_send_pings  # type: ignore[method-assign]
+    ws_stream.WSStream.app_send = _ws_app_send  # type: ignore[method-assign]
     ws_stream.Handshake.__init__ = _ws_handshake_init  # type: ignore[method-assign]
     ws_stream.PerMessageDeflate = BoundedPerMessageDeflate  # type: ignore[attr-defined]
     H11Protocol._check_protocol = _h11_check_protocol  # type: ignore[method-assign]

@@ -51,6 +51,9 @@ T = TypeVar("T")
 # Frames the writer takes off its queue per wake-up: one scheduler round
 # sends a burst, and a burst cannot starve the other tasks.
 WRITE_BATCH = 64
+# Bytes of frames handed to the socket in one write: a burst of small frames
+# (a peer's message and this client's ack, say) costs one system call.
+WRITE_BYTES = 64 * 1024
 
 
 def now_ms() -> int:
@@ -73,7 +76,9 @@ class Socket(Protocol):
         """The next message (text or binary); None once the peer is gone."""
         ...
 
-    async def send(self, text: str) -> None: ...
+    async def send(self, texts: list[str]) -> None:
+        """These text frames, in order (in one write where the server allows)."""
+        ...
 
     async def close(self, code: int) -> None: ...
 
@@ -454,10 +459,14 @@ class Connection:
                 with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel):
                     while len(batch) < WRITE_BATCH:
                         batch.append(self._receive.receive_nowait())
-                for text in batch:
-                    await self.socket.send(text)
-                    self._queued_bytes -= len(text)
-                    self.messages_out += 1
+                start = size = 0
+                for end, text in enumerate(batch, 1):
+                    size += len(text)
+                    if size >= WRITE_BYTES or end == len(batch):
+                        await self.socket.send(batch[start:end])
+                        self._queued_bytes -= size
+                        self.messages_out += end - start
+                        start, size = end, 0
         if not self.peer_gone:
             # A peer that reads nothing can hold this send; Hypercorn's
             # read_timeout ends the socket then, and with it this wait.

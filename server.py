@@ -82,13 +82,15 @@ class AsgiSocket:
 
     No framework wrapper per message: Hypercorn already enforces the ASGI
     WebSocket state machine (a send after the client left is dropped there).
+    A burst of frames goes out in one write where the server takes it.
     """
 
-    __slots__ = ("_receive", "_send")
+    __slots__ = ("_burst", "_receive", "_send")
 
     def __init__(self, receive: Receive, send: Send) -> None:
         self._receive = receive
         self._send = send
+        self._burst = hypercorn_fixes.sends_frames(send)
 
     async def receive(self) -> str | bytes | None:
         message = await self._receive()
@@ -97,8 +99,12 @@ class AsgiSocket:
         text: str | None = message.get("text")
         return text if text is not None else bytes(message.get("bytes") or b"")
 
-    async def send(self, text: str) -> None:
-        await self._send({"type": "websocket.send", "text": text})
+    async def send(self, texts: list[str]) -> None:
+        if self._burst and len(texts) > 1:
+            await self._send({"type": hypercorn_fixes.SEND_FRAMES, "texts": texts})
+            return
+        for text in texts:
+            await self._send({"type": "websocket.send", "text": text})
 
     async def close(self, code: int) -> None:
         await self._send({"type": "websocket.close", "code": code})

@@ -103,10 +103,11 @@ class FakeSocket:
     def start_reading(self) -> None:
         self._reading.set()
 
-    async def send(self, text: str) -> None:
-        await self._reading.wait()
-        self.sent.append(text)
-        self._outgoing.send_nowait(text)
+    async def send(self, texts: list[str]) -> None:
+        for text in texts:
+            await self._reading.wait()
+            self.sent.append(text)
+            self._outgoing.send_nowait(text)
 
     async def close(self, code: int) -> None:
         assert self.close_code is None, "closed twice"
