@@ -31,6 +31,7 @@ from config import Config
 from limiter import Limiter, LimitKey, Limits, Pseudonyms, Rule, rate_limited
 from protocol import CloseCode, ErrorCode
 from session_store import (
+    Appended,
     Ended,
     Event,
     Evicted,
@@ -529,12 +530,17 @@ class Connection:
         code, client_id = self._membership()
         limits = self.services.message_limits(client_id, self.ip_key, self.user)
         now = now_ms()
-        appended = await self.store.append(code, client_id, self.id, request.data, now, limits, request.mid)
+        # The ack is queued at commit, beside the peer's events of the same batch:
+        # both go out in one write, and this task wakes only to read on.
+        acked = partial(self._acked, request.id)
+        appended = await self.store.append(code, client_id, self.id, request.data, now, limits, request.mid, acked)
         self.messages_in += 1
-        self.push(protocol.serialize(protocol.MessageAck(request.id, appended.seq, appended.duplicate)))
         if not appended.duplicate:
             seconds = time.perf_counter() - started
             self.services.report(lifecycle.MessageAcked(code, appended.seq, client_id, request.data, now, seconds))
+
+    def _acked(self, request_id: protocol.RequestId, appended: Appended) -> None:
+        self.push(protocol.serialize(protocol.MessageAck(request_id, appended.seq, appended.duplicate)))
 
     async def _create(self, request: protocol.CreateSession) -> None:
         self._require_no_session()

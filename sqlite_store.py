@@ -319,6 +319,7 @@ class SqliteStore(SessionStore):
         now: int,
         limits: Sequence[LimitKey] = (),
         mid: str | None = None,
+        acked: Callable[[Appended], None] | None = None,
     ) -> Appended:
         stamp = self.limiter.now()
         refused = self.limiter.hit_all(limits, stamp)  # in memory: this process is the only one
@@ -353,7 +354,7 @@ class SqliteStore(SessionStore):
             events.append(MessageStored(code, StoredMessage(seq, client_id, data, now, mid)))
             return Appended(seq, duplicate=False)
 
-        appended = await self._call(run)
+        appended: Appended = await self.writer.call(run, acked)
         if appended.duplicate:  # nothing new: it costs no message budget
             self.limiter.refund_all(limits, stamp)
         return appended

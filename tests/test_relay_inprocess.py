@@ -276,6 +276,7 @@ class FakeStore(SessionStore):
         now: int,
         limits: Sequence[LimitKey] = (),
         mid: str | None = None,
+        acked: Callable[[Appended], None] | None = None,
     ) -> Appended:
         await self._enter("append")
         refused = self.limiter.hit_all(limits)
@@ -286,7 +287,10 @@ class FakeStore(SessionStore):
             raise not_found()
         seq = self.commit_message(code, client_id, data, now).seq
         self._commit("append", [])
-        return Appended(seq, duplicate=False)
+        appended = Appended(seq, duplicate=False)
+        if acked is not None:
+            acked(appended)
+        return appended
 
     async def leave(self, code: str, client_id: str, conn_id: str, now: int) -> bool:
         await self._enter("leave")
