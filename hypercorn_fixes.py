@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -125,9 +126,14 @@ async def _tcp_protocol_send(self: Any, event: Any) -> None:
         return
     async with self.send_lock:
         stalled = False
+        data = event.data
+        held = getattr(self, _HELD, b"")
+        if held:  # the tail of a `write_now` goes out first
+            data = held + data
+            setattr(self, _HELD, b"")
         try:
             with trio.CancelScope(shield=True), trio.move_on_after(_settings.send_timeout) as timeout:
-                await self.stream.send_all(event.data)
+                await self.stream.send_all(data)
             stalled = timeout.cancelled_caught
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
             stalled = True
@@ -199,8 +205,52 @@ async def _ws_app_send(self: Any, message: Any) -> None:
 
 
 def sends_frames(send: Callable[..., Any]) -> bool:
-    """Whether an ASGI `send` callable is a WebSocket's that takes SEND_FRAMES."""
+    """Whether an ASGI `send` callable is a WebSocket's that takes SEND_FRAMES (and `write_now`)."""
     return getattr(send, "__func__", None) is _ws_app_send
+
+
+# The bytes of a `write_now` the kernel did not take, on its TCPServer: the
+# connection's next send (any: a frame, a ping, a close) writes them first.
+_HELD = "_tandem_held"
+
+
+def write_now(send: Callable[..., Any], texts: list[str]) -> int | None:
+    """Write text frames to a WebSocket's socket at once, without awaiting:
+    None if nothing was written (another send in progress, TLS, HTTP/2, a
+    closing connection: send them with SEND_FRAMES instead), else the number
+    of bytes the kernel did not take, held for the connection's next send.
+
+    Once framed (and compressed, which advances the compressor), the bytes go
+    out exactly once, in order: a tail is never framed again.
+    """
+    ws = getattr(send, "__self__", None)
+    if getattr(send, "__func__", None) is not _ws_app_send or ws is None:
+        return None
+    if ws.closed or ws.state is not ws_stream.ASGIWebsocketState.CONNECTED:
+        return None
+    h11 = getattr(ws.send, "__self__", None)
+    server = getattr(getattr(h11, "send", None), "__self__", None) if isinstance(h11, H11Protocol) else None
+    if not isinstance(server, TCPServer) or server.send_lock.locked():
+        return None
+    held: bytes = getattr(server, _HELD, b"")
+    if held:
+        return None
+    stream = server.stream
+    if not isinstance(stream, trio.SocketStream) or stream.socket.did_shutdown_SHUT_WR:
+        return None
+    fd = stream.socket.fileno()
+    if fd == -1 or ws.connection.state is not ConnectionState.OPEN:
+        return None
+    data = b"".join([ws.connection.send(TextMessage(data=text)) for text in texts])
+    try:
+        written = os.write(fd, data)  # the socket is non-blocking: what fits now
+    except BlockingIOError:
+        written = 0
+    except OSError:
+        return 0  # the peer is gone: the reader sees it and ends the connection
+    if written < len(data):
+        setattr(server, _HELD, data[written:])
+    return len(data) - written
 
 
 async def _ws_send_pings(self: Any) -> None:

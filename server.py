@@ -66,7 +66,7 @@ from limiter import IPV6_SITE, Decision, Limiter, Limits, Pseudonyms, Rule, Sock
 from migrations import MigrationError, migrate_command, parse_migrate_args
 from protocol import CloseCode, ErrorCode
 from redis_store import RedisStore
-from relay import Connection, Hub, Services, now_ms
+from relay import Connection, Hub, Services, Written, now_ms
 from session_store import SessionStore
 from sqlite_store import SqliteStore
 
@@ -100,11 +100,19 @@ class AsgiSocket:
         return text if text is not None else bytes(message.get("bytes") or b"")
 
     async def send(self, texts: list[str]) -> None:
-        if self._burst and len(texts) > 1:
+        if self._burst:
             await self._send({"type": hypercorn_fixes.SEND_FRAMES, "texts": texts})
             return
         for text in texts:
             await self._send({"type": "websocket.send", "text": text})
+
+    def write_now(self, texts: list[str]) -> Written:
+        if not self._burst:
+            return Written.NONE
+        left = hypercorn_fixes.write_now(self._send, texts)
+        if left is None:
+            return Written.NONE
+        return Written.PART if left else Written.ALL
 
     async def close(self, code: int) -> None:
         await self._send({"type": "websocket.close", "code": code})
@@ -447,8 +455,7 @@ async def lifespan(config: Config) -> AsyncIterator[Tandem]:
     is flushed last; the store outlives the background tasks; the hub, which
     the store reports to, outlives them all.
     """
-    hub = Hub()
-    async with open_archive(config) as archive, open_store(config, hub) as store:
+    async with Hub.open() as hub, open_archive(config) as archive, open_store(config, hub) as store:
         tandem = Tandem(config, hub, store, archive)
         if not config.hash_key:
             await share_hash_key(tandem, store)
