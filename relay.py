@@ -17,7 +17,6 @@ import logging
 import math
 import secrets
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
@@ -280,6 +279,39 @@ class Connection:
     without one after AUTH_TIMEOUT, or whose token expired, is closed with 1008.
     """
 
+    __slots__ = (
+        "_auth_deadline",
+        "_code",
+        "_flush_pending",
+        "_idle_before_hold",
+        "_idle_deadline",
+        "_nursery",
+        "_output_closed",
+        "_queue",
+        "_queued_bytes",
+        "_read_scope",
+        "_receive_scope",
+        "_writer_scope",
+        "_writing",
+        "client_id",
+        "close_code",
+        "config",
+        "delivered_seq",
+        "held",
+        "id",
+        "identity",
+        "ip",
+        "ip_key",
+        "messages_in",
+        "messages_out",
+        "peer_gone",
+        "peers",
+        "services",
+        "site_key",
+        "socket",
+        "store",
+    )
+
     def __init__(
         self,
         socket: Socket,
@@ -315,7 +347,7 @@ class Connection:
             self._auth_deadline = trio.current_time() + self.config.auth_timeout
             if identity is not None:  # verified on the upgrade (Authorization header)
                 self._set_identity(identity)
-        self._queue: deque[str] = deque()  # frames for the client, oldest first
+        self._queue: list[str] = []  # frames for the client, oldest first (a list: 56 bytes while empty)
         self._queued_bytes = 0  # their characters, frames being sent included
         self._output_closed = False  # the reader is done: nothing more is queued
         self._flush_pending = False  # in the hub's list for this tick
@@ -541,8 +573,7 @@ class Connection:
         return texts, size
 
     def _pop(self, count: int) -> None:
-        for _ in range(count):
-            self._queue.popleft()
+        del self._queue[:count]
 
     def _sent(self, count: int, size: int) -> None:
         self._queued_bytes -= size
