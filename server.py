@@ -26,6 +26,7 @@ import gc
 import ipaddress
 import logging
 import math
+import resource
 import secrets
 import socket
 import sys
@@ -502,8 +503,30 @@ async def _serve(config: Config, signals: AsyncIterator[int]) -> None:
                 "metrics_address": metrics_address,
                 "data_dir": str(config.data_dir),
                 "tracing": tracing.tracer.exporters if tracing.tracer is not None else "off",
+                "file_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
             }
             log.info("server.listening", extra={"fields": fields})
+
+
+# Files the process needs besides its sockets: the store, logs, Python's own.
+FILES_BESIDE_SOCKETS = 256
+
+
+def raise_file_limit(config: Config) -> int:
+    """Raise the open-file limit to what the system allows (each WebSocket is a
+    file); warn when it is below MAX_SOCKETS. Returns the limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        wanted = hard if hard != resource.RLIM_INFINITY else max(soft, config.max_sockets + FILES_BESIDE_SOCKETS)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (OSError, ValueError):
+            pass  # the limit stays; the check below says what that means
+    if config.max_sockets and soft != resource.RLIM_INFINITY and soft < config.max_sockets:
+        fields = {"file_limit": soft, "max_sockets": config.max_sockets, "holds_about": soft - FILES_BESIDE_SOCKETS}
+        log.warning("server.file_limit", extra={"fields": fields})
+    return soft
 
 
 def _url_to_open(config: Config) -> str:
@@ -644,6 +667,7 @@ def main() -> int:
             send_timeout=config.send_timeout,
         )
         gc.set_threshold(50_000, 20, 20)
+        raise_file_limit(config)
         try:
             trio.run(run, config, EARLY_SIGNALS)
         except BaseException as exc:

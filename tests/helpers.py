@@ -116,6 +116,7 @@ class Server:
         self.log_path = log_path
         self.env = {**env, "PORT": str(self.port), "HOST": "127.0.0.1", "DATA_DIR": str(data_dir)}
         self.proc: subprocess.Popen[bytes] | None = None
+        self.preexec: Callable[[], object] | None = None  # run in the child before server.py (a limit, say)
 
     @property
     def url(self) -> str:
@@ -133,6 +134,7 @@ class Server:
                 env=base_env(**self.env),
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                preexec_fn=self.preexec,
             )
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:

@@ -10,6 +10,7 @@ named in a warning with the setting it most likely meant.
 from __future__ import annotations
 
 import re
+import resource
 import socket
 import subprocess
 import sys
@@ -117,6 +118,27 @@ async def test_the_start_up_line_gives_a_url_a_person_can_open(tmp_path: Path) -
         await eventually(lambda: len(log_lines(server, "server.listening")), 1)
         (listening,) = log_lines(server, "server.listening")
         assert listening["url"] == f"http://localhost:{server.port}/"
+    finally:
+        server.kill()
+
+
+async def test_the_open_file_limit_is_raised_to_the_hard_limit_and_a_short_one_is_named(tmp_path: Path) -> None:
+    """Every WebSocket is a file: Tandem raises its soft limit to the hard one and says
+    so in `server.listening`; a hard limit below MAX_SOCKETS is a warning with both."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert hard != resource.RLIM_INFINITY, "this test needs a finite hard RLIMIT_NOFILE"
+    more = hard + 1000  # more sockets than the process can ever hold
+    server = Server({"LOG_LEVEL": "INFO", "MAX_SOCKETS": str(more)}, tmp_path / "data", tmp_path / "server.log")
+    low = max(1024, soft // 2)
+    server.preexec = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))  # started with a low soft limit
+    server.start()
+    try:
+        await eventually(lambda: len(log_lines(server, "server.listening")), 1)
+        (listening,) = log_lines(server, "server.listening")
+        assert listening["file_limit"] == hard
+        (warning,) = log_lines(server, "server.file_limit")
+        assert warning["level"] == "warning"
+        assert warning["file_limit"] == hard and warning["max_sockets"] == more
     finally:
         server.kill()
 
