@@ -532,8 +532,8 @@ class _Pinger:
             return cls._run_var.get()
         except LookupError:
             pinger = cls()
-            cls._run_var.set(pinger)
             trio.lowlevel.spawn_system_task(pinger._run, name="hypercorn_fixes._Pinger")
+            cls._run_var.set(pinger)
             return pinger
 
     def schedule(self, stream: Any, when: float) -> None:
