@@ -265,7 +265,8 @@ class BoundedPerMessageDeflate(PerMessageDeflate):
 #
 # A held WebSocket is mostly trio objects and suspended coroutine frames: each set() is
 # 216 bytes, a deque 760, an OrderedDict (trio's ParkingLot) 136, a sleeping task
-# about 2.5 KiB. The fixes below keep what an idle connection needs and nothing else.
+# about 3 KiB. The fixes below keep what an idle connection needs and nothing else
+# (Tandem, 5,000 held, paired and idle: 42.4 KiB of RSS each before them, 31.6 after).
 
 _recv_buffers = threading.local()  # one MAX_RECV buffer per thread that runs a server
 
@@ -299,7 +300,7 @@ async def _tcp_read_data(self: Any) -> None:
                 await trio.lowlevel.checkpoint_if_cancelled()
                 data = _recv(raw, buffer)
                 if data is None:
-                    while data is None:  # outside the `except`: a held exception would keep its traceback
+                    while data is None:  # `_recv` ends its BlockingIOError: held across this wait, it would keep frames
                         await trio.lowlevel.wait_readable(raw)
                         data = _recv(raw, buffer)
                 else:
@@ -413,7 +414,7 @@ def _single_task_init(self: Any) -> None:
 
 class _AppQueue:
     """The queue from a connection to its ASGI app (TaskGroup.spawn_app): a memory channel's
-    bounded FIFO, hand-over and checkpoints, in about 150 bytes instead of 1,800 (the
+    bounded FIFO, hand-over and checkpoints, in about 180 bytes instead of 1,800 (the
     channel's deque, two OrderedDicts and a set per end). It is never closed, as in Hypercorn."""
 
     __slots__ = ("_items", "_receivers", "_senders", "_size")
@@ -517,7 +518,7 @@ async def _ws_accept(self: Any, message: Any) -> None:
 class _Pinger:
     """One system task per trio run that starts each WebSocket's ping (`_ws_ping`) in that
     connection's task group when due: a heap entry of about 200 bytes per connection where
-    Hypercorn kept a task asleep in `trio.sleep` (2.6 KiB). It holds streams weakly."""
+    Hypercorn kept a task asleep in `trio.sleep` (about 3 KiB). It holds streams weakly."""
 
     _run_var: trio.lowlevel.RunVar[_Pinger] = trio.lowlevel.RunVar("hypercorn_fixes.pinger")
 
