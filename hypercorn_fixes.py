@@ -3,7 +3,8 @@
 Each fix replaces one Hypercorn or wsproto method with a corrected copy (ping/close race, missing close
 frames, unbounded inflation, HTTP/2 reset floods, memory per held connection), and `TCPServer.run` is
 wrapped so that an error of one connection closes that connection only. Compression and cleartext
-HTTP/2 stay off unless enabled.
+HTTP/2 stay off unless enabled. A WebSocket app may send a burst of text frames in one socket write
+(`SEND_FRAMES`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import heapq
 import itertools
 import logging
 import math
+import os
 import socket
 import threading
 import time
@@ -31,16 +33,18 @@ import trio
 from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.events import Closed, RawData
 from hypercorn.protocol import ProtocolWrapper, ws_stream
-from hypercorn.protocol.events import Response, StreamClosed
+from hypercorn.protocol.events import Data, Response, StreamClosed
 from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.h11 import H2ProtocolAssumedError, H11Protocol, H11WSConnection
 from hypercorn.trio import task_group, worker_context
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
+from hypercorn.utils import UnexpectedMessageError
 from wsproto import connection as wsproto_connection
 from wsproto.connection import ConnectionState, ConnectionType
-from wsproto.events import CloseConnection, Event, Message, Ping
+from wsproto.events import CloseConnection, Event, Message, Ping, TextMessage
 from wsproto.extensions import Extension, PerMessageDeflate
 from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol, Opcode, RsvBits
+from wsproto.utilities import LocalProtocolError
 
 FIXED_VERSION = "0.18.0"
 
@@ -83,6 +87,7 @@ _original_handshake_init = ws_stream.Handshake.__init__
 _original_check_protocol = H11Protocol._check_protocol
 _original_wrapper_handle = ProtocolWrapper.handle
 _original_h2_handle_events = H2Protocol._handle_events
+_original_app_send = ws_stream.WSStream.app_send
 
 
 # --- one connection's error closes that connection only ---------------------------
@@ -135,9 +140,14 @@ async def _tcp_protocol_send(self: Any, event: Any) -> None:
         return
     async with self.send_lock:
         stalled = False
+        data = event.data
+        held = getattr(self, _HELD, b"")
+        if held:  # the tail of a `write_now` goes out first
+            data = held + data
+            setattr(self, _HELD, b"")
         try:
             with trio.CancelScope(shield=True), trio.move_on_after(_settings.send_timeout) as timeout:
-                await self.stream.send_all(event.data)
+                await self.stream.send_all(data)
             stalled = timeout.cancelled_caught
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
             stalled = True
@@ -182,6 +192,79 @@ async def _ws_handle_events(self: Any) -> None:
             elif self.connection.state is ConnectionState.OPEN:  # wsproto's ParseFailed
                 await self._send_wsproto_event(CloseConnection(code=event.code))
             await self.send(StreamClosed(stream_id=self.stream_id))
+
+
+# The ASGI message a WebSocket app sends several text frames with, written to
+# the socket in one send: {"type": SEND_FRAMES, "texts": [...]}. An app asks
+# `sends_frames(send)` whether its server takes it.
+SEND_FRAMES = "tandem.websocket.send_frames"
+
+
+async def _ws_app_send(self: Any, message: Any) -> None:
+    """WSStream.app_send, also taking SEND_FRAMES: each text is framed as
+    `websocket.send` frames it, and the burst goes out in one write, one
+    system call instead of one per frame."""
+    if message is None or message["type"] != SEND_FRAMES:
+        await _original_app_send(self, message)
+        return
+    if self.closed:
+        return  # as websocket.send: the client is gone, the app may finish
+    if self.state is not ws_stream.ASGIWebsocketState.CONNECTED:
+        raise UnexpectedMessageError(self.state, message["type"])
+    try:
+        data = b"".join([self.connection.send(TextMessage(data=text)) for text in message["texts"]])
+    except LocalProtocolError:
+        return  # the connection is closing: as `_send_wsproto_event`, nothing more goes out
+    await self.send(Data(stream_id=self.stream_id, data=data))
+
+
+def sends_frames(send: Callable[..., Any]) -> bool:
+    """Whether an ASGI `send` callable is a WebSocket's that takes SEND_FRAMES (and `write_now`)."""
+    return getattr(send, "__func__", None) is _ws_app_send
+
+
+# The bytes of a `write_now` the kernel did not take, on its TCPServer: the
+# connection's next send (any: a frame, a ping, a close) writes them first.
+_HELD = "_tandem_held"
+
+
+def write_now(send: Callable[..., Any], texts: list[str]) -> int | None:
+    """Write text frames to a WebSocket's socket at once, without awaiting:
+    None if nothing was written (another send in progress, TLS, HTTP/2, a
+    closing connection: send them with SEND_FRAMES instead), else the number
+    of bytes the kernel did not take, held for the connection's next send.
+
+    Once framed (and compressed, which advances the compressor), the bytes go
+    out exactly once, in order: a tail is never framed again.
+    """
+    ws = getattr(send, "__self__", None)
+    if getattr(send, "__func__", None) is not _ws_app_send or ws is None:
+        return None
+    if ws.closed or ws.state is not ws_stream.ASGIWebsocketState.CONNECTED:
+        return None
+    h11 = getattr(ws.send, "__self__", None)
+    server = getattr(getattr(h11, "send", None), "__self__", None) if isinstance(h11, H11Protocol) else None
+    if not isinstance(server, TCPServer) or server.send_lock.locked():
+        return None
+    held: bytes = getattr(server, _HELD, b"")
+    if held:
+        return None
+    stream = server.stream
+    if not isinstance(stream, trio.SocketStream) or stream.socket.did_shutdown_SHUT_WR:
+        return None
+    fd = stream.socket.fileno()
+    if fd == -1 or ws.connection.state is not ConnectionState.OPEN:
+        return None
+    data = b"".join([ws.connection.send(TextMessage(data=text)) for text in texts])
+    try:
+        written = os.write(fd, data)  # the socket is non-blocking: what fits now
+    except BlockingIOError:
+        written = 0
+    except OSError:
+        return 0  # the peer is gone: the reader sees it and ends the connection
+    if written < len(data):
+        setattr(server, _HELD, data[written:])
+    return len(data) - written
 
 
 async def _ws_ping(self: Any) -> None:
@@ -361,6 +444,9 @@ class _Lock:
             trio.lowlevel.reschedule(self._owner)
         else:
             self._owner = None
+
+    def locked(self) -> bool:
+        return self._owner is not None
 
 
 class _Event:
@@ -640,6 +726,7 @@ REPLACEMENTS: tuple[tuple[object, str, object], ...] = (
     (H11WSConnection, "send", _h11_ws_send),
     (ws_stream.WSStream, "_handle_events", _ws_handle_events),
     (ws_stream.WSStream, "_accept", _ws_accept),
+    (ws_stream.WSStream, "app_send", _ws_app_send),
     (wsproto_connection.Connection, "__init__", _wsproto_init),
     (ws_stream.Handshake, "__init__", _ws_handshake_init),
     (ws_stream, "PerMessageDeflate", BoundedPerMessageDeflate),

@@ -373,6 +373,7 @@ class RedisStore(SessionStore):
         now: int,
         limits: Sequence[LimitKey] = (),
         mid: str | None = None,
+        acked: Callable[[Appended], None] | None = None,
     ) -> Appended:
         # Limits go into the append script (one round trip) when their keys can
         # share its hash slot: a member's are kept beside the session; on a
@@ -392,16 +393,17 @@ class RedisStore(SessionStore):
             args += [k.rule.limit, round(k.rule.window * 1000)]
         if tracing.tracer is not None:  # the send's trace context, published before the message
             args.append(tracing.tracer.traceparent())
-        result = await self.writer.call(_Script("append", keys, args))
+        then = None if acked is None else partial(_ack_stored, acked)
+        result = await self.writer.call(_Script("append", keys, args), then)
         if result[0] == -1:
             raise not_found()
         if result[0] == -9:
             raise rate_limited(folded[int(result[2]) - 1].rule.name, float(result[1]) / 1000)
-        duplicate = len(result) > 1
-        if duplicate:  # nothing new: it costs no message budget
+        appended = _appended(result)
+        if appended.duplicate:  # nothing new: it costs no message budget
             for k, stamp in apart:
                 await self.limiter.refund(k.rule, k.key, stamp)
-        return Appended(int(result[0]), duplicate)
+        return appended
 
     @timed("leave")
     async def leave(self, code: str, client_id: str, conn_id: str, now: int) -> bool:
@@ -595,6 +597,17 @@ class RedisStore(SessionStore):
             pipe.execute()
 
         await self.redis.call(run)
+
+
+def _appended(result: list[Any]) -> Appended:
+    """The append script's reply when it stored (or found) the message: [seq] or [seq, 1] (duplicate)."""
+    return Appended(int(result[0]), len(result) > 1)
+
+
+def _ack_stored(acked: Callable[[Appended], None], result: list[Any]) -> None:
+    """An append's `acked`, called at commit when the script stored (or found) the message."""
+    if result[0] >= 0:  # else -1 (no such member) or -9 (rate limited): the caller raises
+        acked(_appended(result))
 
 
 def _position(after: str | None) -> tuple[int, int, str]:

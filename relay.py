@@ -11,11 +11,13 @@ in tests without Hypercorn.
 from __future__ import annotations
 
 import contextlib
+import enum
 import hashlib
+import logging
 import math
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Protocol, TypeVar
@@ -31,6 +33,7 @@ from config import Config
 from limiter import Limiter, LimitKey, Limits, Pseudonyms, Rule, rate_limited
 from protocol import CloseCode, ErrorCode
 from session_store import (
+    Appended,
     Ended,
     Event,
     Evicted,
@@ -47,10 +50,14 @@ from session_store import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger("tandem.relay")
 
 # Frames the writer takes off its queue per wake-up: one scheduler round
 # sends a burst, and a burst cannot starve the other tasks.
 WRITE_BATCH = 64
+# Bytes of frames handed to the socket in one write: a burst of small frames
+# (a peer's message and this client's ack, say) costs one system call.
+WRITE_BYTES = 64 * 1024
 
 
 def now_ms() -> int:
@@ -66,6 +73,14 @@ def token_hash(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
+class Written(enum.Enum):
+    """What `Socket.write_now` did with the frames."""
+
+    ALL = "all"  # the kernel has them
+    PART = "part"  # the kernel has part; the socket holds the rest for its next `send`
+    NONE = "none"  # nothing was written (a send in progress, or a socket that cannot): `send` them
+
+
 class Socket(Protocol):
     """What the relay needs of a WebSocket."""
 
@@ -73,7 +88,14 @@ class Socket(Protocol):
         """The next message (text or binary); None once the peer is gone."""
         ...
 
-    async def send(self, text: str) -> None: ...
+    async def send(self, texts: list[str]) -> None:
+        """These text frames, in order (in one write where the server allows);
+        with no frames, what `write_now` held back."""
+        ...
+
+    def write_now(self, texts: list[str]) -> Written:
+        """Write these frames without waiting, if the socket can take them now."""
+        ...
 
     async def close(self, code: int) -> None: ...
 
@@ -122,6 +144,44 @@ class Hub:
         self.sessions: dict[str, list[Connection]] = {}
         self.all_closed = trio.Event()
         self.all_closed.set()
+        self._unflushed: list[Connection] = []  # connections with frames queued this tick
+        self._flusher = trio.lowlevel.ParkingLot()
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(cls) -> AsyncIterator[Hub]:
+        """A hub with its flusher running, until the block ends."""
+        hub = cls()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hub.run_flusher)
+            yield hub
+            nursery.cancel_scope.cancel()
+
+    def flush_soon(self, conn: Connection) -> None:
+        """`conn` has frames queued and no writer: `run_flusher` writes them this tick."""
+        self._unflushed.append(conn)
+        if len(self._unflushed) == 1:
+            self._flusher.unpark_all()
+
+    async def run_flusher(self) -> None:
+        """Writes what every connection queued, once per tick, in one task.
+
+        The frames of a commit's events and replies are queued during the
+        commit's dispatch: one wake-up of this task writes them all, straight to
+        the sockets, instead of waking a writer task per connection. A socket
+        that cannot take them at once gets a writer task of its own.
+        """
+        while True:
+            if not self._unflushed:
+                await self._flusher.park()
+            unflushed, self._unflushed = self._unflushed, []
+            for conn in unflushed:
+                try:
+                    conn.flush()
+                except Exception:  # a bug here must cost one connection, not every connection's output
+                    log.exception("connection.flush_failed")
+                    conn.close(CloseCode.INTERNAL_ERROR)
+            await trio.lowlevel.cancel_shielded_checkpoint()  # a long run of flushes lets others in
 
     def add(self, conn: Connection) -> None:
         self.connections[conn.id] = conn
@@ -219,6 +279,39 @@ class Connection:
     without one after AUTH_TIMEOUT, or whose token expired, is closed with 1008.
     """
 
+    __slots__ = (
+        "_auth_deadline",
+        "_code",
+        "_flush_pending",
+        "_idle_before_hold",
+        "_idle_deadline",
+        "_nursery",
+        "_output_closed",
+        "_queue",
+        "_queued_bytes",
+        "_read_scope",
+        "_receive_scope",
+        "_writer_scope",
+        "_writing",
+        "client_id",
+        "close_code",
+        "config",
+        "delivered_seq",
+        "held",
+        "id",
+        "identity",
+        "ip",
+        "ip_key",
+        "messages_in",
+        "messages_out",
+        "peer_gone",
+        "peers",
+        "services",
+        "site_key",
+        "socket",
+        "store",
+    )
+
     def __init__(
         self,
         socket: Socket,
@@ -254,10 +347,14 @@ class Connection:
             self._auth_deadline = trio.current_time() + self.config.auth_timeout
             if identity is not None:  # verified on the upgrade (Authorization header)
                 self._set_identity(identity)
-        self._queued_bytes = 0
-        self._send, self._receive = trio.open_memory_channel[str](self.config.send_queue_frames)
+        self._queue: list[str] = []  # frames for the client, oldest first (a list: 56 bytes while empty)
+        self._queued_bytes = 0  # their characters, frames being sent included
+        self._output_closed = False  # the reader is done: nothing more is queued
+        self._flush_pending = False  # in the hub's list for this tick
+        self._writing = False  # a writer (task, or the final drain) owns the socket's sends
+        self._writer_scope: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
         self._read_scope = trio.CancelScope()
-        self._write_scope = trio.CancelScope()
 
     @property
     def code(self) -> str | None:
@@ -302,17 +399,32 @@ class Connection:
         hand, events until its reader stops); the writer sends all of it before
         the close frame, except after 1013, when the queue is dropped.
         """
-        if self.close_code == CloseCode.TRY_AGAIN_LATER:
-            return
+        if self.close_code == CloseCode.TRY_AGAIN_LATER or self._output_closed:
+            return  # too slow (what was queued is dropped), or the reader is done: nothing more goes out
         self._queued_bytes += len(text)
-        try:
-            if self._queued_bytes > self.config.send_queue_bytes:
-                raise trio.WouldBlock
-            self._send.send_nowait(text)
-        except trio.WouldBlock:
+        if self._queued_bytes > self.config.send_queue_bytes or len(self._queue) >= self.config.send_queue_frames:
             self.close(CloseCode.TRY_AGAIN_LATER)
-        except trio.ClosedResourceError:
-            pass  # the reader is done: nothing more goes out
+            return
+        self._queue.append(text)
+        if not self._writing and not self._flush_pending:
+            self._flush_pending = True
+            self.services.hub.flush_soon(self)
+
+    def flush(self) -> None:
+        """Called by the hub's flusher: write what is queued straight to the socket,
+        or, if it cannot take it all now, start a writer task that waits for it."""
+        self._flush_pending = False
+        if self._writing or not self._queue or self._nursery is None:
+            return
+        texts, size = self._peek()
+        written = self.socket.write_now(texts)
+        if written is not Written.NONE:
+            self._pop(len(texts))
+            self._sent(len(texts), size)
+        if written is not Written.ALL or self._queue:
+            self._writing = True
+            self._writer_scope = trio.CancelScope()
+            self._nursery.start_soon(self._writer, self._writer_scope)
 
     def deliver(self, text: str, seq: int) -> None:
         """An event's frame; `seq` for a message (sent at most once), else 0."""
@@ -356,10 +468,9 @@ class Connection:
         self.close_code = code
         self._read_scope.cancel()
         if code == CloseCode.TRY_AGAIN_LATER:  # too slow: drop what is queued
-            self._write_scope.cancel()
-            with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel):
-                while True:
-                    self._receive.receive_nowait()
+            if self._writer_scope is not None:
+                self._writer_scope.cancel()
+            self._queue.clear()
             self._queued_bytes = 0
 
     # -- the connection's own tasks --
@@ -372,13 +483,16 @@ class Connection:
         report(lifecycle.ConnectionOpened(self.id, self.ip))
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._writer)
+                self._nursery = nursery  # where `flush` starts a writer task
                 try:
                     await self._reader()
                 finally:
                     with trio.CancelScope(shield=True):
                         await self._leave_hub()
-                    self._send.close()
+                    self._output_closed = True
+            self._nursery = None
+            # A writer task has finished (the nursery waited for it): what is left goes out from here.
+            await self._finish()
         finally:
             hub.remove(self)
             code = int(self.close_code or 1006)
@@ -447,17 +561,46 @@ class Connection:
         self.push(protocol.serialize(protocol.error_frame(error, None)))
         self.close(CloseCode.POLICY_VIOLATION)
 
-    async def _writer(self) -> None:
-        with self._write_scope:
-            async for first in self._receive:
-                batch = [first]
-                with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel):
-                    while len(batch) < WRITE_BATCH:
-                        batch.append(self._receive.receive_nowait())
-                for text in batch:
-                    await self.socket.send(text)
-                    self._queued_bytes -= len(text)
-                    self.messages_out += 1
+    def _peek(self) -> tuple[list[str], int]:
+        """The oldest queued frames, up to WRITE_BATCH of them and about WRITE_BYTES."""
+        texts: list[str] = []
+        size = 0
+        for text in self._queue:
+            if len(texts) == WRITE_BATCH or (texts and size + len(text) > WRITE_BYTES):
+                break
+            texts.append(text)
+            size += len(text)
+        return texts, size
+
+    def _pop(self, count: int) -> None:
+        del self._queue[:count]
+
+    def _sent(self, count: int, size: int) -> None:
+        self._queued_bytes -= size
+        self.messages_out += count
+
+    async def _writer(self, scope: trio.CancelScope) -> None:
+        """Sends what is queued, and what the socket held back, until nothing is left."""
+        try:
+            with scope:
+                await self._drain()
+        finally:
+            self._writer_scope = None
+            self._writing = False
+
+    async def _drain(self) -> None:
+        await self.socket.send([])  # the tail that `write_now` left, if any
+        while self._queue:
+            texts, size = self._peek()
+            self._pop(len(texts))  # in hand: the queue's bound counts the frames still waiting
+            await self.socket.send(texts)
+            self._sent(len(texts), size)
+
+    async def _finish(self) -> None:
+        """After the reader: send what is still queued, then the close frame."""
+        self._writing = True
+        if self.close_code != CloseCode.TRY_AGAIN_LATER:
+            await self._drain()
         if not self.peer_gone:
             # A peer that reads nothing can hold this send; Hypercorn's
             # read_timeout ends the socket then, and with it this wait.
@@ -520,12 +663,17 @@ class Connection:
         code, client_id = self._membership()
         limits = self.services.message_limits(client_id, self.ip_key, self.user)
         now = now_ms()
-        appended = await self.store.append(code, client_id, self.id, request.data, now, limits, request.mid)
+        # The ack is queued at commit, beside the peer's events of the same batch:
+        # both go out in one write, and this task wakes only to read on.
+        acked = partial(self._acked, request.id)
+        appended = await self.store.append(code, client_id, self.id, request.data, now, limits, request.mid, acked)
         self.messages_in += 1
-        self.push(protocol.serialize(protocol.MessageAck(request.id, appended.seq, appended.duplicate)))
         if not appended.duplicate:
             seconds = time.perf_counter() - started
             self.services.report(lifecycle.MessageAcked(code, appended.seq, client_id, request.data, now, seconds))
+
+    def _acked(self, request_id: protocol.RequestId, appended: Appended) -> None:
+        self.push(protocol.serialize(protocol.MessageAck(request_id, appended.seq, appended.duplicate)))
 
     async def _create(self, request: protocol.CreateSession) -> None:
         self._require_no_session()

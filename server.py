@@ -1,10 +1,11 @@
 """Tandem's process: the app and its routes, the lifespan, the drain, `main()`.
 
 `python server.py` builds the Config, opens every service in one lifespan
-(the archive, the store, the background tasks) and serves the Starlette app
-with Hypercorn on Trio. `/ws` checks a socket against the caps and limits and
-hands it to `relay.Connection`. SIGTERM/SIGINT start the drain: readiness
-fails, new sockets are refused, open ones close with 1012.
+(the archive, the store, the background tasks) and serves the app with
+Hypercorn on Trio: `/ws` as a raw ASGI endpoint that checks a socket against
+the caps and limits and hands it to `relay.Connection`, the rest in Starlette.
+SIGTERM/SIGINT start the drain: readiness fails, new sockets are refused, open
+ones close with 1012.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route, WebSocketRoute
-from starlette.websockets import WebSocket
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 import admin
 import api
@@ -65,7 +66,7 @@ from limiter import IPV6_SITE, Decision, Limiter, Limits, Pseudonyms, Rule, Sock
 from migrations import MigrationError, migrate_command, parse_migrate_args
 from protocol import CloseCode, ErrorCode
 from redis_store import RedisStore
-from relay import Connection, Hub, Services, now_ms
+from relay import Connection, Hub, Services, Written, now_ms
 from session_store import SessionStore
 from sqlite_store import SqliteStore
 
@@ -77,23 +78,71 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 
 class AsgiSocket:
-    """relay.Socket over a Starlette WebSocket."""
+    """relay.Socket straight over a `/ws` connection's ASGI callables.
 
-    def __init__(self, ws: WebSocket) -> None:
-        self._ws = ws
+    No framework wrapper per message: Hypercorn already enforces the ASGI
+    WebSocket state machine (a send after the client left is dropped there).
+    A burst of frames goes out in one write where the server takes it.
+    """
+
+    __slots__ = ("_burst", "_receive", "_send")
+
+    def __init__(self, receive: Receive, send: Send) -> None:
+        self._receive = receive
+        self._send = send
+        self._burst = hypercorn_fixes.sends_frames(send)
 
     async def receive(self) -> str | bytes | None:
-        message = await self._ws.receive()
-        if message["type"] == "websocket.disconnect":
-            return None
+        message = await self._receive()
+        if message["type"] != "websocket.receive":
+            return None  # websocket.disconnect
         text: str | None = message.get("text")
         return text if text is not None else bytes(message.get("bytes") or b"")
 
-    async def send(self, text: str) -> None:
-        await self._ws.send({"type": "websocket.send", "text": text})
+    async def send(self, texts: list[str]) -> None:
+        if self._burst:
+            await self._send({"type": hypercorn_fixes.SEND_FRAMES, "texts": texts})
+            return
+        for text in texts:
+            await self._send({"type": "websocket.send", "text": text})
+
+    def write_now(self, texts: list[str]) -> Written:
+        if not self._burst:
+            return Written.NONE
+        left = hypercorn_fixes.write_now(self._send, texts)
+        if left is None:
+            return Written.NONE
+        return Written.PART if left else Written.ALL
 
     async def close(self, code: int) -> None:
-        await self._ws.send({"type": "websocket.close", "code": code})
+        await self._send({"type": "websocket.close", "code": code})
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    """A request header's first value (ASGI header names are lower-case)."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+class Routes:
+    """The ASGI app: `/ws` sockets go straight to `websocket_endpoint`, everything else to Starlette.
+
+    A socket lives for hours and passes thousands of frames: Starlette's
+    per-connection wrapper would cost memory and a state check per frame.
+    """
+
+    def __init__(self, websocket: ASGIApp, app: ASGIApp, health: health.Health) -> None:
+        self.websocket = websocket
+        self.app = app
+        self.health = health
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and scope["path"] == "/ws" and not self.health.on_listener(scope):
+            await self.websocket(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 
 
 class Tandem:
@@ -179,7 +228,7 @@ def too_many(rule: Rule, decision: Decision) -> Response:
     return _error_response(429, ErrorCode.RATE_LIMITED, f"rate limit {rule.name} exceeded", decision.headers(rule))
 
 
-def create_app(tandem: Tandem) -> Starlette:
+def create_app(tandem: Tandem) -> ASGIApp:
     allowed = frozenset(tandem.config.allowed_origins)
     trusted = tuple(ipaddress.ip_network(n) for n in tandem.config.trusted_proxies)
 
@@ -209,24 +258,28 @@ def create_app(tandem: Tandem) -> Starlette:
         }
         return JSONResponse(body, headers=headers)
 
-    async def websocket_endpoint(ws: WebSocket) -> None:
+    async def websocket_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+        if (await receive())["type"] != "websocket.connect":
+            return  # the client left during the handshake
+
+        async def deny(response: Response) -> None:
+            await response(scope, receive, send)  # Hypercorn answers it as the handshake's HTTP response
+
         if tandem.draining:
             tandem.metrics.refused(ErrorCode.UNAVAILABLE)
-            await ws.send_denial_response(
-                _error_response(503, ErrorCode.UNAVAILABLE, "server is restarting", {"Retry-After": "1"})
-            )
+            await deny(_error_response(503, ErrorCode.UNAVAILABLE, "server is restarting", {"Retry-After": "1"}))
             return
-        origin = ws.headers.get("origin")
+        origin = _header(scope, b"origin")
         if allowed and (origin is None or origin.rstrip("/").lower() not in allowed):
             tandem.metrics.refused(ErrorCode.UNAUTHORIZED)
-            await ws.send_denial_response(_error_response(403, ErrorCode.UNAUTHORIZED, "origin not allowed"))
+            await deny(_error_response(403, ErrorCode.UNAUTHORIZED, "origin not allowed"))
             return
-        ip = client_ip(ws.scope, trusted)
+        ip = client_ip(scope, trusted)
         ipk = tandem.keys.address(ip)
         cap = tandem.sockets.open(ipk)
         if cap is not None:
             tandem.metrics.rate_limited(cap)
-            await ws.send_denial_response(
+            await deny(
                 _error_response(503, ErrorCode.UNAVAILABLE, f"too many open sockets ({cap})", {"Retry-After": "5"})
             )
             return
@@ -236,27 +289,27 @@ def create_app(tandem: Tandem) -> Starlette:
                 decision = await tandem.limiter.hit(connections, ipk)
                 if not decision.allowed:
                     tandem.metrics.rate_limited(connections.name)
-                    await ws.send_denial_response(too_many(connections, decision))
+                    await deny(too_many(connections, decision))
                     return
             identity = None
-            authorization = ws.headers.get("authorization")  # never a token in the URL
+            authorization = _header(scope, b"authorization")  # never a token in the URL
             if tandem.services.auth is not None and authorization is not None:
                 try:
                     identity = await tandem.services.auth.verify(auth.bearer(authorization))
                 except protocol.TandemError as exc:
                     tandem.metrics.refused(exc.code)
-                    await ws.send_denial_response(auth_refused(exc))
+                    await deny(auth_refused(exc))
                     return
-            offered = ws.scope.get("subprotocols") or []
-            await ws.accept(protocol.SUBPROTOCOL if protocol.SUBPROTOCOL in offered else None)
+            offered = scope.get("subprotocols") or []
+            chosen = protocol.SUBPROTOCOL if protocol.SUBPROTOCOL in offered else None
+            await send({"type": "websocket.accept", "subprotocol": chosen})
             site_key = tandem.keys.address(ip, IPV6_SITE)
-            await Connection(AsgiSocket(ws), tandem.services, ip, ipk, site_key, identity).run()
+            await Connection(AsgiSocket(receive, send), tandem.services, ip, ipk, site_key, identity).run()
         finally:
             tandem.sockets.close(ipk)
 
-    return Starlette(
+    app = Starlette(
         routes=[
-            WebSocketRoute("/ws", websocket_endpoint),
             *static_files.StaticFiles(STATIC_DIR).routes(),  # /, /tandem.js and the page's files
             Route("/api/info", api_info),
             *admin.routes(tandem),  # /api/debug/*
@@ -267,6 +320,7 @@ def create_app(tandem: Tandem) -> Starlette:
         middleware=[Middleware(health.MetricsListener, health=tandem.health)],
         exception_handlers={HTTPException: api.http_error},  # JSON 404 and 405 under /api/
     )
+    return Routes(websocket_endpoint, app, tandem.health)
 
 
 def hypercorn_config(config: Config) -> hypercorn.config.Config:
@@ -401,8 +455,7 @@ async def lifespan(config: Config) -> AsyncIterator[Tandem]:
     is flushed last; the store outlives the background tasks; the hub, which
     the store reports to, outlives them all.
     """
-    hub = Hub()
-    async with open_archive(config) as archive, open_store(config, hub) as store:
+    async with Hub.open() as hub, open_archive(config) as archive, open_store(config, hub) as store:
         tandem = Tandem(config, hub, store, archive)
         if not config.hash_key:
             await share_hash_key(tandem, store)

@@ -314,12 +314,15 @@ class SessionStore(ABC):
         now: int,
         limits: Sequence[LimitKey] = (),
         mid: str | None = None,
+        acked: Callable[[Appended], None] | None = None,
     ) -> Appended:
         """Store a message durably and return its seq; `rate_limited` (nothing
         stored, nothing counted) if any of `limits` refuses it.
 
         With a `mid` the member already used for a message still in history,
         nothing is stored or counted: that message's seq, `duplicate`.
+        `acked`, if given, is called with the outcome as soon as it is stored,
+        in commit order with the events (before this call returns).
         """
 
     @abstractmethod
@@ -388,11 +391,12 @@ class SessionStore(ABC):
 class Op:
     """One queued store operation, and then its outcome."""
 
-    __slots__ = ("done", "error", "events", "payload", "result", "trace")
+    __slots__ = ("done", "error", "events", "payload", "result", "then", "trace")
     trace: Any  # the span context of the request that queued it: set by tracing.py only while tracing is on
 
-    def __init__(self, payload: Any) -> None:
+    def __init__(self, payload: Any, then: Callable[[Any], None] | None = None) -> None:
         self.payload = payload
+        self.then = then  # called with the result after the op's events, before its caller wakes
         self.result: Any = None
         self.error: BaseException | None = None
         self.events: list[Event] = []
@@ -410,7 +414,9 @@ class GroupCommit:
     """Runs queued operations in batches on one writer task (group commit).
 
     `execute(batch)` runs in a worker thread and sets each op's result or
-    error; then each op's events are dispatched in order and its caller wakes.
+    error; then each op's events are dispatched in order, its `then` is called
+    with its result, and its caller wakes. A reply that `then` queues thus goes
+    out in the same burst as the events of its batch.
     Operations queue in a bounded channel: a full queue makes callers wait.
     """
 
@@ -457,13 +463,15 @@ class GroupCommit:
                                 self._dispatch(event)
                         else:
                             tracer.dispatch(op, self._dispatch, self.backend)  # a message in a deliver span
+                        if op.then is not None and op.error is None:
+                            op.then(op.result)
                         op.done.set()
 
     def close(self) -> None:
         self._send.close()
 
-    async def call(self, payload: Any) -> Any:
-        op = Op(payload)
+    async def call(self, payload: Any, then: Callable[[Any], None] | None = None) -> Any:
+        op = Op(payload, then)
         if tracing.tracer is not None:
             tracing.tracer.queued(op)  # carries the request's span context to the batch
         try:

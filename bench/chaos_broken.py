@@ -70,8 +70,8 @@ BROKEN: dict[str, Broken] = {
         (
             Edit(
                 "relay.py",
-                "await self.store.append(code, client_id, self.id, request.data, now, limits, request.mid)",
-                "await self.store.append(code, client_id, self.id, request.data, now, limits, None)  # BROKEN",
+                "await self.store.append(code, client_id, self.id, request.data, now, limits, request.mid, acked)",
+                "await self.store.append(code, client_id, self.id, request.data, now, limits, None, acked)  # BROKEN",
             ),
         ),
     ),

@@ -25,7 +25,7 @@ PYTHON = sys.executable
 LOOPBACK = "127.0.0.1"
 # The size of a message's `data` value in bytes ("~100-byte messages").
 PAYLOAD_BYTES = 100
-# File descriptors a process may hold: 10,000 sockets and some.
+# File descriptors a load generator may hold: its sockets and some.
 NOFILE = 20_000
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 15.0
@@ -39,8 +39,15 @@ def free_port() -> int:
 
 
 def raise_nofile(wanted: int = NOFILE) -> int:
-    """Raise this process's open-file limit (children inherit it); return the new soft limit."""
+    """Raise this process's open-file limit towards `wanted` (children inherit it); return the new soft limit.
+
+    The hard limit is raised too where the process may (CAP_SYS_RESOURCE); elsewhere
+    the soft limit stops at the hard one."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and wanted > hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))
+            return wanted
     target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
     if target > soft:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))

@@ -11,7 +11,6 @@ Run by bench/run.py as `python -m bench.load '<json config>'`:
      `data`) and send the next one when the ack comes: as fast as acks allow.
    - "rate": each member sends `rate` messages a second on a fixed schedule
      (random phase), without waiting for acks.
-   - "idle": nothing; the connections are held until `stop` on stdin.
    The window counted is [t0 + warmup, t0 + warmup + duration); sending stops at
    its end, and frames still in flight get `drain` seconds to arrive.
 4. Prints `result {...}`: messages delivered and acked in the window, delivery
@@ -38,9 +37,8 @@ from bench.common import emit_line, payload_text, raise_nofile
 # Bounds of every loop: frames one connection handles, and messages one member sends.
 MAX_FRAMES = 5_000_000
 MAX_SENDS = 2_000_000
-# How long the worker waits for `go` once ready, and for `stop` when idle.
+# How long the worker waits for `go` once ready.
 GO_TIMEOUT = 900.0
-HOLD_TIMEOUT = 900.0
 PAIR_TIMEOUT = 30.0
 PAIR_ATTEMPTS = 3
 
@@ -234,30 +232,26 @@ async def main(config: Config) -> None:
         emit_line("ready", {"pairs": len(pairs), "failed": failed, "setup_s": round(time.monotonic() - opened, 2)})
         command = await read_stdin_line(GO_TIMEOUT)
         cpu = {"start": 0.0, "end": 0.0}
-        if config.mode == "idle":
-            if command != "stop":
-                await read_stdin_line(HOLD_TIMEOUT)
-        else:
-            kind, _, t0 = command.partition(" ")
-            if kind != "go":
-                raise RuntimeError(f"expected go, got {command!r}")
-            window = Window(int(t0), config)
+        kind, _, t0 = command.partition(" ")
+        if kind != "go":
+            raise RuntimeError(f"expected go, got {command!r}")
+        window = Window(int(t0), config)
 
-            async def cpu_clock() -> None:
-                await trio.sleep_until(window.trio_time(window.start))
-                cpu["start"] = time.process_time()
-                await trio.sleep_until(window.trio_time(window.end))
-                cpu["end"] = time.process_time()
+        async def cpu_clock() -> None:
+            await trio.sleep_until(window.trio_time(window.start))
+            cpu["start"] = time.process_time()
+            await trio.sleep_until(window.trio_time(window.end))
+            cpu["end"] = time.process_time()
 
-            async with trio.open_nursery() as run:
-                run.start_soon(cpu_clock)
-                for i, (a, b) in enumerate(pairs):
-                    for j, ws in enumerate((a, b)):
-                        ids = (i * 2 + j) * 10_000_000
-                        if config.mode == "throughput":
-                            run.start_soon(closed_loop_member, ws, window, stats, ids)
-                        else:
-                            run.start_soon(scheduled_member, ws, window, stats, config.rate, ids)
+        async with trio.open_nursery() as run:
+            run.start_soon(cpu_clock)
+            for i, (a, b) in enumerate(pairs):
+                for j, ws in enumerate((a, b)):
+                    ids = (i * 2 + j) * 10_000_000
+                    if config.mode == "throughput":
+                        run.start_soon(closed_loop_member, ws, window, stats, ids)
+                    else:
+                        run.start_soon(scheduled_member, ws, window, stats, config.rate, ids)
         emit_line(
             "result",
             {

@@ -1,18 +1,23 @@
 """Tandem's benchmarks: one command, one table of figures measured in one run.
 
-    .venv/bin/python -m bench                 # everything, 3 rounds (~12 min)
-    .venv/bin/python -m bench --quick         # smoke run, 1 short round (~2 min)
+    .venv/bin/python -m bench                 # everything, 3 rounds (~17 min)
+    .venv/bin/python -m bench --quick         # smoke run, 1 short round (~3.5 min)
     .venv/bin/python -m bench --only 1,3      # some figures
 
 Servers and load generators are child processes on 127.0.0.1 (free ports):
 Tandem (`python server.py`, RATE_LIMIT_ENABLED=0, no socket caps, a temp DATA_DIR), the bare
 relay (bench/bare_relay.py), python-socketio on uvicorn (bench/sio_server.py),
 and a private redis-server. Load comes from `--clients` processes of
-trio-websocket clients (bench/load.py) or Socket.IO clients (bench/sio_load.py).
+trio-websocket clients (bench/load.py) or Socket.IO clients (bench/sio_load.py);
+figure 4's held connections from raw-socket holders (bench/holder.py) bound to
+127.0.0.2, 127.0.0.3, ... (loopback; each source address has its own ports).
 Each measurement starts fresh servers, sets up its pairs, warms up, counts a
-window, and stops everything; each figure is the median of `--rounds` rounds,
-its spread the min and max. CPU is read from /proc for every process in the
-window, so each row says how busy the server, Redis and the clients were.
+window, and stops everything. A round runs every measurement in turn (the
+bare relay's closed loop first: figure 3's load is half of it); each figure
+is a ratio to something measured in the same round, its median over
+`--rounds` rounds, its spread the min and max. CPU is read from /proc for
+every process in the window, so each row says how busy the server, Redis and
+the clients were.
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import queue
+import resource
 import shutil
 import statistics
 import subprocess
@@ -40,6 +47,7 @@ import redis
 
 from bench.common import (
     LOOPBACK,
+    NOFILE,
     PAYLOAD_BYTES,
     PYTHON,
     ROOT,
@@ -61,7 +69,7 @@ from bench.pyspy import Profile
 
 # Bounds on waiting for children.
 READY_TIMEOUT = 120.0
-IDLE_READY_TIMEOUT = 300.0
+HELD_SETUP_MAX = 900.0
 RESULT_GRACE = 60.0
 QUIET_LOAD = 0.5
 
@@ -74,19 +82,25 @@ class Plan:
     drain: float = 1.0
     pairs: int = 100
     clients: int = 2  # load-generator processes
-    rate: float = 2000.0  # messages a second, figure 3
-    idle_connections: int = 10_000
-    idle_clients: int = 2  # processes holding the idle connections
+    rate: float = 2000.0  # messages a second: figure 3's fixed-rate detail, figures 4, 6 and 7
+    held_connections: int = 50_000  # figure 4, the active pairs' included; capped by RLIMIT_NOFILE
+    holder_connections: int = 10_000  # at most per holder process (each has its own RLIMIT_NOFILE)
+    holder_concurrency: int = 100  # pairs a holder sets up at once (Tandem's listen backlog is 4,096)
     profile_seconds: float = 8.0
 
 
-QUICK = Plan(rounds=1, warmup=1.0, duration=3.0, idle_connections=2_000, profile_seconds=3.0)
+QUICK = Plan(rounds=1, warmup=1.0, duration=3.0, held_connections=2_000, profile_seconds=3.0)
+# Figure 4's target, and the file descriptors a server needs beside its sockets.
+HELD_TARGET = 50_000
+FD_MARGIN = 1_000
 ALL_FIGURES = (1, 2, 3, 4, 5, 6, 7, 8)
 # Figure 7's profiles: (store, load): as fast as acks allow, and at figure 3's fixed rate.
 PROFILES = (("sqlite", "throughput"), ("redis", "throughput"), ("sqlite", "rate"))
 
 
 # --- one measurement ---------------------------------------------------------------------
+
+PERCENTILES = {"p50_ms": 50.0, "p99_ms": 99.0, "p999_ms": 99.9, "max_ms": 100.0}
 
 
 @dataclass
@@ -127,10 +141,8 @@ class Measure:
             "errors": self.errors,
             "closed": self.closed,
             "late_sends": self.late_sends,
-            "p50_ms": round(self.p(50), 3),
-            "p99_ms": round(self.p(99), 3),
-            "p999_ms": round(self.p(99.9), 3),
-            "max_ms": round(self.p(100), 3),
+            # None where nothing was sent (figure 4's RSS-only measurements): results.json stays strict JSON.
+            **{k: round(self.p(q), 3) if self.latencies_us else None for k, q in PERCENTILES.items()},
             "client_cores": round(self.client_cpu_s / self.duration, 3),
             "cores": {k: round(v / self.duration, 3) for k, v in self.cpu_s.items()},
             **self.extra,
@@ -220,6 +232,8 @@ class Bench:
         self.redis_url = ""
         self.redis_version = ""
         self.seed = 0
+        self.sources = 0  # holder source addresses handed out
+        self.held_count = plan.held_connections  # figure 4, after RLIMIT_NOFILE (see held_count)
 
     # -- servers --
 
@@ -425,6 +439,16 @@ class Bench:
         )
         return m
 
+    def measure_stop(
+        self, name: str, watch: dict[str, Child], configs: list[dict[str, Any]], tag: str, module: str = "bench.load"
+    ) -> Measure:
+        """`measure` with load workers (`module`) started from `configs`, stopped whatever happens."""
+        workers = Workers(self, module, configs, tag)
+        try:
+            return self.measure(name, watch, workers)
+        finally:
+            workers.stop()
+
     def throughput(self, kind: str) -> Measure:
         """Closed loop, `pairs` pairs, as fast as acks allow, against one kind of server."""
         p = self.plan
@@ -451,22 +475,19 @@ class Bench:
             if self.replica is not None and kind in ("redis-replica", "redis-wait"):
                 watch["replica"] = self.replica
             urls = [f"ws://{LOOPBACK}:{s.port}/ws" for s in servers]
+            module = "bench.load"
             if kind == "socketio":
                 urls = [f"http://{LOOPBACK}:{s.port}" for s in servers]
-                workers = Workers(self, "bench.sio_load", self._configs("throughput", urls, p.pairs, p.clients), kind)
-            else:
-                workers = Workers(self, "bench.load", self._configs("throughput", urls, p.pairs, p.clients), kind)
-            try:
-                return self.measure(f"throughput {kind}", watch, workers)
-            finally:
-                workers.stop()
+                module = "bench.sio_load"
+            configs = self._configs("throughput", urls, p.pairs, p.clients)
+            return self.measure_stop(f"throughput {kind}", watch, configs, kind, module)
         finally:
             self.stop(*servers)
 
-    def latency(self, kind: str) -> Measure:
+    def latency(self, kind: str, rate: float) -> Measure:
         """Open loop: `rate` messages a second over `pairs` pairs, both members sending on a schedule."""
         p = self.plan
-        per_member = p.rate / p.pairs / 2
+        per_member = rate / p.pairs / 2
         servers: list[Child] = []
         try:
             if kind == "bare":
@@ -480,93 +501,103 @@ class Bench:
             if kind in ("redis", "redis2") and self.redis is not None:
                 watch["redis"] = self.redis
             urls = [f"ws://{LOOPBACK}:{s.port}/ws" for s in servers]
-            workers = Workers(
-                self, "bench.load", self._configs("rate", urls, p.pairs, p.clients, rate=per_member), kind
-            )
-            try:
-                return self.measure(f"latency {kind}", watch, workers)
-            finally:
-                workers.stop()
+            configs = self._configs("rate", urls, p.pairs, p.clients, rate=per_member)
+            m = self.measure_stop(f"latency {kind} at {rate:,.0f} msgs/s", watch, configs, kind)
+            m.extra["offered_msgs_per_s"] = round(rate, 1)
+            return m
         finally:
             self.stop(*servers)
 
-    def idle(self) -> Measure:
-        """Figure 4: hold `idle_connections` (paired) on one Tandem; RSS per connection; latency of active pairs."""
+    def source(self) -> str:
+        """A loopback address no holder of this run has used yet: 127.0.0.2, 127.0.0.3, ..."""
+        n = self.sources
+        self.sources += 1
+        return f"127.0.{n // 250}.{2 + n % 250}"
+
+    def holders(self, port: int, connections: int, deflate: bool, tag: str) -> Workers:
+        """Processes of bench/holder.py holding `connections` (in pairs) on `port`, each from its own address."""
         p = self.plan
-        server = self.tandem("tandem-idle")
+        pairs = connections // 2
+        processes = max(2, math.ceil(connections / p.holder_connections))
+        configs = [
+            {
+                "port": port,
+                "pairs": n,
+                "source": self.source(),
+                "deflate": deflate,
+                "concurrency": p.holder_concurrency,
+                "setup_timeout": self.held_setup_timeout(),
+            }
+            for n in split(pairs, processes)
+        ]
+        return Workers(self, "bench.holder", configs, tag)
+
+    def held_setup_timeout(self) -> float:
+        return min(HELD_SETUP_MAX, 60.0 + self.held_count / 50)
+
+    def held(self, client: str, server: str = "tandem") -> Measure:
+        """Figure 4: one server holding `held_count` connections in paired sessions: RSS per connection.
+
+        `client` "plain" or "deflate" (the handshake offers permessage-deflate);
+        `server` "tandem" (defaults), "compression" (Tandem, WS_COMPRESSION=1) or
+        "bare". On "tandem" with the plain client, 100 of the pairs are active:
+        a closed loop as figure 1's, then the fixed rate (p99 of the active pairs).
+        """
+        p = self.plan
+        active = client == "plain" and server == "tandem"
+        name = f"held {client} {server}"
+        if server == "bare":
+            target = self.bare()
+        elif server == "compression":
+            target = self.tandem(f"tandem-held-{client}-compression", WS_COMPRESSION="1")
+        else:
+            target = self.tandem(f"tandem-held-{client}")
         try:
             time.sleep(1.0)
-            empty = rss_kib(server.pid)
-            url = f"ws://{LOOPBACK}:{server.port}/ws"
-            idle_pairs = max(0, (p.idle_connections - 2 * p.pairs) // 2)
-            configs = self._configs("idle", [url], idle_pairs, p.idle_clients, setup_timeout=IDLE_READY_TIMEOUT - 20)
-            holders = Workers(self, "bench.load", configs, "idle")
+            empty = rss_kib(target.pid)
+            wanted = self.held_count - (2 * p.pairs if active else 0)
+            holders = self.holders(target.port, wanted, client == "deflate", f"held-{client}-{server}")
             try:
-                held = holders.expect("ready", IDLE_READY_TIMEOUT)
+                ready = holders.expect("ready", self.held_setup_timeout() + 30)
+                held = 2 * sum(int(r["pairs"]) for r in ready)
+                setup_s = max(float(r["setup_s"]) for r in ready)
+                extensions = sum(int(r["extensions"]) for r in ready)
                 log(
-                    f"  idle: {2 * sum(h['pairs'] for h in held):,} connections in {max(h['setup_s'] for h in held)} s"
-                    f" ({sum(h.get('failed', 0) for h in held)} pairs failed)"
+                    f"  {name}: {held:,} connections in {setup_s} s ({sum(int(r['failed']) for r in ready)} pairs "
+                    f"failed, {extensions:,} accepted permessage-deflate)"
                 )
-                per_member = p.rate / p.pairs / 2
-                active = Workers(
-                    self, "bench.load", self._configs("rate", [url], p.pairs, p.clients, rate=per_member), "active"
-                )
-                rss: dict[str, int] = {}
-
-                def full() -> None:
-                    time.sleep(1.0)
-                    rss["full"] = rss_kib(server.pid)
-
-                try:
-                    m = self.measure("idle + active", {"server1": server}, active, before_go=full)
-                finally:
-                    active.stop()
-                rss["after"] = rss_kib(server.pid)
+                time.sleep(1.0)
+                full = rss_kib(target.pid)
+                m = Measure(name, p.duration)
+                if active:
+                    watch = {"server1": target} | {f"holder{i}": c for i, c in enumerate(holders.children)}
+                    url = f"ws://{LOOPBACK}:{target.port}/ws"
+                    configs = self._configs("throughput", [url], p.pairs, p.clients)
+                    m = self.measure_stop(f"{name} + active throughput", watch, configs, "active")
+                    configs = self._configs("rate", [url], p.pairs, p.clients, rate=p.rate / p.pairs / 2)
+                    at_rate = self.measure_stop(f"{name} + active at {p.rate:,.0f} msgs/s", watch, configs, "active")
+                    m.extra["at_rate"] = at_rate.summary() | {"offered_msgs_per_s": p.rate}
                 holders.tell("stop")
-                holders.expect("result", RESULT_GRACE)
+                results = holders.expect("result", RESULT_GRACE)
             finally:
                 holders.stop()
-            connections = 2 * sum(h["pairs"] for h in held) + 2 * m.extra["pairs"]
             m.extra.update(
-                connections=connections,
+                connections=held,
+                connections_total=held + (2 * m.extra.get("pairs", 0) if active else 0),
+                held_setup_s=setup_s,
+                extensions=extensions,
+                closed_while_held=sum(int(r["closed"]) for r in results),
                 rss_empty_kib=empty,
-                rss_full_kib=rss["full"],
-                rss_after_kib=rss["after"],
-                kib_per_connection=round((rss["full"] - empty) / max(1, connections), 2),
+                rss_full_kib=full,
+                kib_per_connection=round((full - empty) / max(1, held), 2),
             )
             log(
-                f"  RSS {empty:,} KiB empty, {rss['full']:,} KiB with {connections:,} connections: "
-                f"{m.extra['kib_per_connection']} KiB each"
+                f"  RSS {empty:,} KiB empty, {full:,} KiB with {held:,} connections: "
+                f"{m.extra['kib_per_connection']} KiB each; {m.extra['closed_while_held']} closed while held"
             )
             return m
         finally:
-            self.stop(server)
-
-    def idle_bare(self) -> float:
-        """Figure 4's floor: KiB per connection of the bare relay (Hypercorn + Starlette) holding as many."""
-        p = self.plan
-        server = self.bare()
-        try:
-            time.sleep(1.0)
-            empty = rss_kib(server.pid)
-            url = f"ws://{LOOPBACK}:{server.port}/ws"
-            configs = self._configs("idle", [url], p.idle_connections // 2, p.idle_clients)
-            for c in configs:
-                c["setup_timeout"] = IDLE_READY_TIMEOUT - 20
-            holders = Workers(self, "bench.load", configs, "idle-bare")
-            try:
-                held = holders.expect("ready", IDLE_READY_TIMEOUT)
-                time.sleep(1.0)
-                full = rss_kib(server.pid)
-                holders.tell("stop")
-                holders.expect("result", RESULT_GRACE)
-            finally:
-                holders.stop()
-            per = (full - empty) / max(1, 2 * sum(int(h["pairs"]) for h in held))
-            log(f"  bare relay: RSS {empty:,} KiB empty, {full:,} KiB full: {per:.1f} KiB per connection")
-            return per
-        finally:
-            self.stop(server)
+            self.stop(target)
 
     def profile(self, kind: str, mode: str = "throughput") -> tuple[Measure, Profile]:
         """Figure 7: py-spy on Tandem during a throughput or fixed-rate run (not one of the measured rounds)."""
@@ -690,25 +721,26 @@ def cpu_text(ms: list[Measure]) -> str:
         return ""
     server = med([m.cores("server") for m in ms])
     redis = f"{med([m.cores('redis') for m in ms]):.2f}" if any("redis" in m.cpu_s for m in ms) else "-"
-    clients = med([m.client_cpu_s / m.duration for m in ms])
+    clients = med([m.client_cpu_s / m.duration + m.cores("holder") for m in ms])
     other = med([m.extra.get("other_cores", float("nan")) for m in ms])
     return f"{server:.2f} / {redis} / {clients:.2f} / {other:.2f}"
 
 
-def build_table(plan: Plan, runs: dict[str, list[Measure]], profiles: dict[str, Profile], figures: set[int]) -> Table:
+def build_table(
+    plan: Plan, runs: dict[str, list[Measure]], profiles: dict[str, Profile], figures: set[int], held: Held
+) -> Table:
     t = Table()
     get = runs.get
     bare, sqlite, redis = get("throughput bare", []), get("throughput sqlite", []), get("throughput redis", [])
     sio, redis2 = get("throughput socketio", []), get("throughput redis2", [])
-    lat_sqlite, lat_redis, lat_redis2 = get("latency sqlite", []), get("latency redis", []), get("latency redis2", [])
-    lat_bare = get("latency bare", [])
-    idle = get("idle", [])
+    lat_redis, lat_redis2 = get("latency redis", []), get("latency redis2", [])
 
-    def ratios(a: list[Measure], b: list[Measure]) -> list[float]:
-        """a ÷ b, round by round (a round that failed on either side is left out)."""
+    def ratios(a: list[Measure], b: list[Measure], value: Callable[[Measure], float] | None = None) -> list[float]:
+        """value(a) ÷ value(b) (default: msgs/s), round by round (a round that failed on either side is left out)."""
+        of = value or (lambda m: m.rate)
         by_round = {m.extra.get("round"): m for m in b}
-        pairs = [(x, by_round.get(x.extra.get("round"))) for x in a]
-        return [x.rate / y.rate for x, y in pairs if y is not None and y.rate]
+        pairs = [(of(x), of(y)) for x in a if (y := by_round.get(x.extra.get("round"))) is not None]
+        return [x / y for x, y in pairs if y]
 
     def rates(ms: list[Measure], label: str) -> None:
         t.detail(label, f"{med([m.rate for m in ms]):,.0f}", spread([m.rate for m in ms], ",.0f"), cpu_text(ms))
@@ -726,67 +758,128 @@ def build_table(plan: Plan, runs: dict[str, list[Measure]], profiles: dict[str, 
         values = [m.us_per_msg(*names) for m in ms]
         t.detail(label, f"{med(values):.0f}", spread(values, ".0f"))
 
-    def latencies(ms: list[Measure], label: str, target: float | None, fig: str) -> None:
-        p99 = [m.p(99) for m in ms]
-        p50 = [m.p(50) for m in ms]
-        tgt = f"≤ {target:g} ms" if target else ""
-        t.figure(
-            f"{fig} {label} p99, ms", p99, ".2f", tgt, verdict(med(p99), target, False) if target else "", cpu_text(ms)
+    def server_us_ratio(label: str, a: list[Measure], b: list[Measure], target: float) -> None:
+        values = ratios(a, b, lambda m: m.us_per_msg("server"))
+        t.figure(label, values, ".2f", f"≤ {target:g}", verdict(med(values), target, False))
+
+    def p99(m: Measure) -> float:
+        return m.p(99)
+
+    def fixed_rate(ms: list[Measure], label: str) -> None:
+        """The p99 at the fixed rate (no target), with the rates offered and delivered."""
+        values = [m.p(99) for m in ms]
+        t.detail(
+            f"{label}, fixed {plan.rate:,.0f} msgs/s, no target: p99 ms; delivered/offered",
+            f"{med(values):.2f}; {med([m.rate for m in ms]):,.0f}/{plan.rate:,.0f}",
+            spread(values, ".2f"),
+            cpu_text(ms),
         )
-        t.detail("p50, ms", f"{med(p50):.2f}", spread(p50, ".2f"))
-        t.detail("delivered msgs/s (offered)", f"{med([m.rate for m in ms]):,.0f} ({plan.rate:,.0f})")
-        store_time(ms)
 
     if 1 in figures and bare and sqlite:
         values = ratios(sqlite, bare)
-        t.figure("1 throughput, embedded ÷ bare relay", values, ".2f", "≥ 0.6", verdict(med(values), 0.6, True))
+        t.figure("1 throughput, embedded ÷ bare relay", values, ".2f", "≥ 0.9", verdict(med(values), 0.9, True))
         rates(sqlite, "Tandem embedded, msgs/s")
         rates(bare, "bare relay, msgs/s")
+        server_us_ratio("1 server CPU per message, embedded ÷ bare relay", sqlite, bare, 1.1)
         server_us(sqlite, "server CPU per message, µs: Tandem embedded")
         store_time(sqlite)
         server_us(bare, "server CPU per message, µs: bare relay")
     if 2 in figures and bare and redis:
         values = ratios(redis, bare)
-        t.figure("2 throughput, Redis ÷ bare relay", values, ".2f", "≥ 0.5", verdict(med(values), 0.5, True))
+        t.figure("2 throughput, Redis ÷ bare relay", values, ".2f", "≥ 0.85", verdict(med(values), 0.85, True))
         rates(redis, "Tandem on Redis, msgs/s")
         if 1 not in figures:
             rates(bare, "bare relay, msgs/s")
         server_us(redis, "server CPU per message, µs: Tandem")
         store_time(redis)
         server_us(redis, "Redis CPU per message, µs", ("redis",))
-    if 3 in figures and lat_sqlite:
-        latencies(lat_sqlite, f"latency at {plan.rate:,.0f} msgs/s, embedded", 10, "3")
-    if 3 in figures and lat_bare:
-        t.detail(
-            "bare relay at the same load: p50 / p99, ms",
-            f"{med([m.p(50) for m in lat_bare]):.2f} / {med([m.p(99) for m in lat_bare]):.2f}",
-            spread([m.p(99) for m in lat_bare], ".2f"),
-            cpu_text(lat_bare),
-        )
-    if 3 in figures and lat_redis:
-        latencies(lat_redis, f"latency at {plan.rate:,.0f} msgs/s, Redis", 15, "3")
-    if 4 in figures and idle:
-        kib = [float(m.extra["kib_per_connection"]) for m in idle]
-        conns = idle[0].extra["connections"]
-        t.figure(f"4 RSS per connection, {conns:,} held, KiB", kib, ".1f", "≤ 30", verdict(med(kib), 30, False))
-        if "bare_kib_per_connection" in idle[0].extra:
-            t.detail("bare relay (Hypercorn + Starlette), KiB", f"{idle[0].extra['bare_kib_per_connection']:.1f}")
-        t.detail(
-            "server RSS empty → full, MiB",
-            f"{med([m.extra['rss_empty_kib'] / 1024 for m in idle]):.0f} → "
-            f"{med([m.extra['rss_full_kib'] / 1024 for m in idle]):.0f}",
-        )
-        p99 = [m.p(99) for m in idle]
+    half_bare = get("latency-half bare", [])
+    for key, store, target in (("sqlite", "embedded", 2.0), ("redis", "Redis", 3.0)):
+        half = get(f"latency-half {key}", [])
+        if 3 not in figures or not half or not half_bare:
+            continue
+        values = ratios(half, half_bare, p99)
         t.figure(
-            f"4 p99 of {plan.pairs} active pairs among them, ms",
-            p99,
+            f"3 p99 at half the bare relay's capacity, {store} ÷ bare relay",
+            values,
             ".2f",
-            "(≤ 10 as 3)",
-            verdict(med(p99), 10, False),
-            cpu_text(idle),
+            f"≤ {target:g}",
+            verdict(med(values), target, False),
+            cpu_text(half),
         )
-        t.detail("p50, ms", f"{med([m.p(50) for m in idle]):.2f}", spread([m.p(50) for m in idle], ".2f"))
-        store_time(idle)
+        for label, fn in (("p99", p99), ("p50", lambda m: m.p(50))):
+            t.detail(
+                f"{label}, ms: Tandem / bare relay",
+                f"{med([fn(m) for m in half]):.2f} / {med([fn(m) for m in half_bare]):.2f}",
+                spread([fn(m) for m in half], ".2f"),
+            )
+        offered = med([float(m.extra["offered_msgs_per_s"]) for m in half])
+        t.detail(
+            "msgs/s offered (½ bare closed loop); delivered: Tandem / bare",
+            f"{offered:,.0f}; {med([m.rate for m in half]):,.0f} / {med([m.rate for m in half_bare]):,.0f}",
+        )
+        store_time(half)
+        t.detail("bare relay at that load", "", "", cpu_text(half_bare))
+        fixed = get(f"latency {key}", [])
+        if fixed:
+            fixed_rate(fixed, store)
+    plain, deflate = get("held plain tandem", []), get("held deflate tandem", [])
+    if 4 in figures and (plain or deflate):
+        for ms, label in ((deflate, "client offering permessage-deflate"), (plain, "client not offering it")):
+            if not ms:
+                continue
+            kib = [float(m.extra["kib_per_connection"]) for m in ms]
+            t.figure(
+                f"4 RSS per held connection, KiB: {label}", kib, ".1f", "≤ 24 (≤ 30)", verdict(med(kib), 24, False)
+            )
+            t.detail(
+                f"server RSS empty → full, MiB ({med([m.extra['connections'] for m in ms]):,.0f} connections)",
+                f"{med([m.extra['rss_empty_kib'] / 1024 for m in ms]):.0f} → "
+                f"{med([m.extra['rss_full_kib'] / 1024 for m in ms]):.0f}",
+            )
+        for m in get("held deflate compression", [])[:1]:
+            t.detail(
+                "with WS_COMPRESSION=1 (operator opt-in), KiB",
+                f"{m.extra['kib_per_connection']:.1f}",
+                f"deflate on {m.extra['extensions']:,} of {m.extra['connections']:,}",
+            )
+        for m in get("held plain bare", [])[:1]:
+            t.detail("bare relay (Hypercorn + Starlette), KiB", f"{m.extra['kib_per_connection']:.1f}")
+    if 4 in figures and plain:
+        counts = [float(m.extra["connections_total"]) for m in plain]
+        t.figure(
+            "4 connections held by one process",
+            counts,
+            ",.0f",
+            f"{HELD_TARGET:,}",
+            verdict(med(counts), HELD_TARGET, True),
+        )
+        if held.why:
+            t.detail(f"fewer than {HELD_TARGET:,}: {held.why}", "")
+        closed = [float(m.extra["closed_while_held"]) for m in plain]
+        if any(closed):
+            t.detail("closed by the server while held", f"{med(closed):,.0f}", spread(closed, ",.0f"))
+        values = ratios(plain, sqlite)
+        t.figure(
+            f"4 throughput of {plan.pairs} active pairs among them ÷ without",
+            values,
+            ".2f",
+            "≥ 0.8",
+            verdict(med(values), 0.8, True),
+            cpu_text(plain),
+        )
+        rates(plain, "with them, msgs/s")
+        rates(sqlite, "without them (figure 1's Tandem embedded), msgs/s")
+        server_us(plain, "server CPU per message with them, µs")
+        store_time(plain)
+        at_rate = [m.extra["at_rate"] for m in plain if "at_rate" in m.extra]
+        if at_rate:
+            values = [float(r["p99_ms"]) for r in at_rate]
+            t.detail(
+                f"p99 of the active pairs at {plan.rate:,.0f} msgs/s, ms (p50)",
+                f"{med(values):.2f} ({med([float(r['p50_ms']) for r in at_rate]):.2f})",
+                spread(values, ".2f"),
+            )
     if 5 in figures and redis and sio:
         values = ratios(redis, sio)
         t.figure(
@@ -797,14 +890,16 @@ def build_table(plan: Plan, runs: dict[str, list[Measure]], profiles: dict[str, 
         rates(sio, "python-socketio + AsyncRedisManager, msgs/s")
         server_us(sio, "server CPU per message, µs: python-socketio")
     if 6 in figures and redis and redis2:
+        server_us_ratio("6 servers' CPU per message, 2 instances ÷ 1 (Redis)", redis2, redis, 1.05)
+        server_us(redis2, "servers' CPU per message, µs: 2 instances (both)")
+        server_us(redis, "server CPU per message, µs: 1 instance")
         values = ratios(redis2, redis)
-        t.figure("6 throughput, 2 instances ÷ 1 (Redis)", values, ".2f", "", "", "")
+        t.detail("throughput, 2 instances ÷ 1", f"{med(values):.2f}", spread(values, ".2f"))
         rates(redis2, "2 instances, msgs/s (server = both)")
-        server_us(redis2, "servers' CPU per message, µs (both)")
     if 6 in figures and lat_redis2:
-        latencies(lat_redis2, f"latency at {plan.rate:,.0f} msgs/s, 2 instances", None, "6")
+        fixed_rate(lat_redis2, "2 instances")
         if lat_redis:
-            t.detail("p99 of 1 instance, ms (figure 3)", f"{med([m.p(99) for m in lat_redis]):.2f}")
+            fixed_rate(lat_redis, "1 instance")
     replica, wait = get("throughput redis-replica", []), get("throughput redis-wait", [])
     if 8 in figures and replica and wait:
         values = ratios(wait, replica)
@@ -825,6 +920,31 @@ def build_table(plan: Plan, runs: dict[str, list[Measure]], profiles: dict[str, 
             for name, count in profile.components().most_common(5):
                 t.detail(name, f"{count / profile.samples * 100:.0f}%")
     return t
+
+
+@dataclass(frozen=True)
+class Held:
+    """Figure 4: how many connections one server holds, and why fewer than HELD_TARGET."""
+
+    count: int
+    reason: str = ""  # "held 19,000: ..." (empty at HELD_TARGET or more)
+    why: str = ""  # the same, short, for the table
+    nofile: int = 0  # the servers' RLIMIT_NOFILE (soft; hard where it could be raised)
+
+
+def held_count(wanted: int, option: str) -> Held:
+    """`wanted` connections, or as many as the open-file limit the servers inherit leaves room for."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    room = wanted if soft == resource.RLIM_INFINITY else soft - FD_MARGIN
+    count = max(0, min(wanted, room))
+    if count < min(wanted, HELD_TARGET):
+        which = "hard limit" if soft == hard else "limit"
+        needs = f"{HELD_TARGET:,} needs `ulimit -n` >= {HELD_TARGET + FD_MARGIN:,}"
+        reason = f"held {count:,}: the server's RLIMIT_NOFILE {which} is {soft:,} ({needs})"
+        return Held(count, reason, f"RLIMIT_NOFILE {which} {soft:,} ({needs})", soft)
+    if count < HELD_TARGET:
+        return Held(count, f"held {count:,}: {option} asked for {wanted:,}", f"{option} {wanted:,}", soft)
+    return Held(count, nofile=soft)
 
 
 def wait_quiet(limit: float, max_wait: float) -> float:
@@ -849,12 +969,18 @@ def output_dir(path: str | None) -> Iterator[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one short round, 2,000 idle connections (~2 min)")
+    parser.add_argument("--quick", action="store_true", help="one short round, 2,000 held connections (~3.5 min)")
     parser.add_argument("--only", default="", help="figures to run, e.g. 1,2,7 (default: all)")
     parser.add_argument("--rounds", type=int, help="rounds per figure (default 3, quick 1)")
     parser.add_argument("--duration", type=float, help="seconds counted per measurement (default 8, quick 3)")
     parser.add_argument("--clients", type=int, help="load-generator processes (default 2)")
-    parser.add_argument("--idle", type=int, help="connections held for figure 4 (default 10000, quick 2000)")
+    parser.add_argument(
+        "--held",
+        "--idle",
+        type=int,
+        help=f"connections held by one server for figure 4 (default {HELD_TARGET}, quick 2000; "
+        f"at most RLIMIT_NOFILE - {FD_MARGIN})",
+    )
     parser.add_argument(
         "--wait-quiet",
         type=float,
@@ -872,13 +998,14 @@ def main(argv: list[str] | None = None) -> int:
         plan = replace(plan, duration=max(1.0, min(args.duration, 60.0)))
     if args.clients:
         plan = replace(plan, clients=max(1, min(args.clients, 16)))
-    if args.idle:
-        plan = replace(plan, idle_connections=max(2 * plan.pairs + 2, min(args.idle, 19_000)))
+    if args.held:
+        plan = replace(plan, held_connections=max(2 * plan.pairs + 2, min(args.held, 1_000_000)))
     figures = {int(f) for f in args.only.split(",") if f.strip()} if args.only else set(ALL_FIGURES)
     if not figures <= set(ALL_FIGURES):
         parser.error(f"--only takes figures from {ALL_FIGURES}")
 
-    raise_nofile()  # the servers inherit it: figure 4 holds 10,000 sockets
+    raise_nofile(max(NOFILE, plan.held_connections + FD_MARGIN))  # the servers inherit it (figure 4)
+    held = held_count(plan.held_connections, "--quick" if args.quick and not args.held else "--held")
     if args.wait_quiet:
         wait_quiet(QUIET_LOAD, min(args.wait_quiet, 1800))
     load_before = os.getloadavg()
@@ -893,7 +1020,10 @@ def main(argv: list[str] | None = None) -> int:
     with output_dir(args.out) as out:
         (out / "logs").mkdir(exist_ok=True)
         bench = Bench(plan, out)
+        bench.held_count = held.count
         log(f"bench: output in {out}")
+        if 4 in figures and held.reason:
+            log(f"figure 4: {held.reason}")
         clock = time.monotonic()
         try:
             needs_redis = figures & {2, 3, 5, 6} or 7 in figures
@@ -904,8 +1034,8 @@ def main(argv: list[str] | None = None) -> int:
             throughput_kinds = [
                 k
                 for k, figs in (
-                    ("bare", {1, 2}),
-                    ("sqlite", {1}),
+                    ("bare", {1, 2, 3}),  # figure 3: its load is half the bare relay's capacity
+                    ("sqlite", {1, 4}),  # figure 4: throughput without held connections
                     ("redis", {2, 5, 6}),
                     ("socketio", {5}),
                     ("redis2", {6}),
@@ -914,9 +1044,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 if figs & figures
             ]
-            latency_kinds = [
-                k for k, figs in (("bare", {3}), ("sqlite", {3}), ("redis", {3, 6}), ("redis2", {6})) if figs & figures
-            ]
+            # At half the bare relay's capacity (figure 3), then at the fixed rate (figures 3 and 6).
+            half_kinds = ["bare", "sqlite", "redis"] if 3 in figures else []
+            fixed_kinds = [k for k, figs in (("sqlite", {3}), ("redis", {3, 6}), ("redis2", {6})) if figs & figures]
 
             def record(key: str, r: int, run: Callable[[], Measure]) -> None:
                 """One measurement, tried twice; a failure is logged and leaves a gap in its round."""
@@ -935,22 +1065,27 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"round {r + 1}/{plan.rounds}: throughput")
                 for kind in throughput_kinds:
                     record(f"throughput {kind}", r, partial(bench.throughput, kind))
-            for r in range(plan.rounds):
-                if latency_kinds:
+                capacity = [m.rate for m in runs.get("throughput bare", []) if m.extra["round"] == r]
+                if half_kinds and not capacity:
+                    failures.append(f"figure 3, round {r + 1}: no closed-loop figure of the bare relay to halve")
+                    log(f"  {failures[-1]}")
+                if half_kinds and capacity:
+                    half = capacity[0] / 2
+                    log(f"round {r + 1}/{plan.rounds}: latency at {half:,.0f} msgs/s (half the bare relay's capacity)")
+                    for kind in half_kinds:
+                        record(f"latency-half {kind}", r, partial(bench.latency, kind, half))
+                if fixed_kinds:
                     log(f"round {r + 1}/{plan.rounds}: latency at {plan.rate:,.0f} msgs/s")
-                for kind in latency_kinds:
-                    record(f"latency {kind}", r, partial(bench.latency, kind))
+                for kind in fixed_kinds:
+                    record(f"latency {kind}", r, partial(bench.latency, kind, plan.rate))
+                if 4 in figures:
+                    log(f"round {r + 1}/{plan.rounds}: {held.count:,} connections held")
+                    for client in ("plain", "deflate"):
+                        record(f"held {client} tandem", r, partial(bench.held, client))
             if 4 in figures:
-                for r in range(plan.rounds):
-                    log(f"round {r + 1}/{plan.rounds}: {plan.idle_connections:,} connections")
-                    record("idle", r, bench.idle)
-                log(f"bare relay holding {plan.idle_connections:,} connections (figure 4's floor)")
-                if runs.get("idle"):
-                    try:
-                        runs["idle"][0].extra["bare_kib_per_connection"] = round(bench.idle_bare(), 2)
-                    except RuntimeError as exc:
-                        failures.append(f"bare relay holding connections: {str(exc)[:300]}")
-                        log(f"  failed: {str(exc)[:2000]}")
+                log(f"{held.count:,} connections held: WS_COMPRESSION=1, and the bare relay (figure 4's details)")
+                record("held deflate compression", 0, partial(bench.held, "deflate", "compression"))
+                record("held plain bare", 0, partial(bench.held, "plain", "bare"))
             if 7 in figures:
                 for kind, mode in PROFILES:
                     log(f"profile: Tandem {kind}, {mode}")
@@ -964,7 +1099,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             bench.close()
         elapsed = time.monotonic() - clock
-        table = build_table(plan, runs, profiles, figures)
+        table = build_table(plan, runs, profiles, figures, held)
         header = [
             f"Tandem benchmarks, {started:%Y-%m-%d %H:%M} UTC, {elapsed / 60:.1f} min"
             f"{' (--quick)' if args.quick else ''}",
@@ -975,6 +1110,8 @@ def main(argv: list[str] | None = None) -> int:
             f"each figure: median of {plan.rounds} run(s) of {plan.duration:g} s after {plan.warmup:g} s warm-up; "
             f"{plan.pairs} pairs over {plan.clients} client processes; data {PAYLOAD_BYTES} bytes",
         ]
+        if 4 in figures and held.reason:
+            header.append(f"figure 4: {held.reason}")
         if failures:
             header.append(
                 f"failed attempts: {len(failures)} (each retried once; a round that failed twice is left out)"
@@ -992,6 +1129,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": info,
             "load_before": load_before,
             "plan": plan.__dict__,
+            "held": held.__dict__,
             "runs": {k: [m.summary() for m in v] for k, v in runs.items()},
             "failures": failures,
         }

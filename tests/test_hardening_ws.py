@@ -690,8 +690,10 @@ async def test_the_connection_lock_hands_over_in_arrival_order(make: Callable[[]
                 order.append(name)
 
     gives_up = trio.CancelScope()
+    assert not lock.locked()
     async with trio.open_nursery() as nursery:
         await lock.__aenter__()
+        assert lock.locked()
         with pytest.raises(RuntimeError):
             await lock.__aenter__()  # not twice by the same task
         for name, scope in (("a", trio.CancelScope()), ("x", gives_up), ("b", trio.CancelScope())):
@@ -702,6 +704,7 @@ async def test_the_connection_lock_hands_over_in_arrival_order(make: Callable[[]
         assert order == []
         await lock.__aexit__(None, None, None)
     assert order == ["a", "b"]
+    assert not lock.locked()
 
 
 async def test_a_held_websocket_is_two_tasks_still_pinged_and_timed_out(monkeypatch: pytest.MonkeyPatch) -> None:

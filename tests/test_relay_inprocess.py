@@ -34,7 +34,7 @@ from config import Config
 from lifecycle import ConnectionClosed, ConnectionIdle, LifecycleEvent
 from limiter import IPV6_SITE, LimitKey, Limits, MemoryLimiter, Pseudonyms, Rule, rate_limited
 from protocol import ClientError, ErrorCode, Member, ServerError, TandemError
-from relay import Connection, Hub, Services
+from relay import Connection, Hub, Services, Written
 from session_store import (
     MAX_MEMBERS,
     Appended,
@@ -103,10 +103,19 @@ class FakeSocket:
     def start_reading(self) -> None:
         self._reading.set()
 
-    async def send(self, text: str) -> None:
-        await self._reading.wait()
-        self.sent.append(text)
-        self._outgoing.send_nowait(text)
+    async def send(self, texts: list[str]) -> None:
+        for text in texts:
+            await self._reading.wait()
+            self.sent.append(text)
+            self._outgoing.send_nowait(text)
+
+    def write_now(self, texts: list[str]) -> Written:
+        if not self._reading.is_set():
+            return Written.NONE  # a client that stopped reading: its socket takes nothing now
+        for text in texts:
+            self.sent.append(text)
+            self._outgoing.send_nowait(text)
+        return Written.ALL
 
     async def close(self, code: int) -> None:
         assert self.close_code is None, "closed twice"
@@ -275,6 +284,7 @@ class FakeStore(SessionStore):
         now: int,
         limits: Sequence[LimitKey] = (),
         mid: str | None = None,
+        acked: Callable[[Appended], None] | None = None,
     ) -> Appended:
         await self._enter("append")
         refused = self.limiter.hit_all(limits)
@@ -285,7 +295,10 @@ class FakeStore(SessionStore):
             raise not_found()
         seq = self.commit_message(code, client_id, data, now).seq
         self._commit("append", [])
-        return Appended(seq, duplicate=False)
+        appended = Appended(seq, duplicate=False)
+        if acked is not None:
+            acked(appended)
+        return appended
 
     async def leave(self, code: str, client_id: str, conn_id: str, now: int) -> bool:
         await self._enter("leave")
@@ -485,16 +498,15 @@ async def run_relay(store: SessionStore, hub: Hub, cfg: Config, limits: Limits |
 
 @asynccontextmanager
 async def open_fake_relay(cfg: Config = CONFIG, limits: Limits | None = None) -> AsyncIterator[Relay]:
-    hub = Hub()
-    async with run_relay(FakeStore(hub.dispatch), hub, cfg, limits) as relay:
+    async with Hub.open() as hub, run_relay(FakeStore(hub.dispatch), hub, cfg, limits) as relay:
         yield relay
 
 
 @asynccontextmanager
 async def open_sqlite_relay(data_dir: Path) -> AsyncIterator[Relay]:
-    hub = Hub()
     with trio.fail_after(THREADED_TIMEOUT):
         async with (
+            Hub.open() as hub,
             SqliteStore.open(
                 data_dir, hub.dispatch, history_size=100, idle_ms=1_800_000, ttl_ms=86_400_000, synchronous="NORMAL"
             ) as store,
@@ -758,6 +770,27 @@ async def test_a_client_that_does_not_read_is_closed_with_1013_when_its_queue_ho
         b.socket.start_reading()
         await relay.nothing(a, b)
         assert b.messages_sent() == []
+
+
+async def test_a_socket_whose_direct_write_fails_is_closed_with_1011_and_the_others_are_served(
+    autojump_clock: MockClock,
+) -> None:
+    """The hub's one flusher writes every connection's frames: an error writing one
+    socket closes that connection (1011, logged), never the flusher or the others."""
+    async with open_fake_relay() as relay:
+        a, b = await pair(relay)
+        c, d = await pair(relay)
+
+        def broken(texts: list[str]) -> Written:
+            raise RuntimeError("write failed")
+
+        b.socket.write_now = broken  # type: ignore[method-assign]
+        await a.request("message:send", data="to b")
+        assert await b.closed() == 1011
+        await c.request("message:send", data="to d")
+        assert (await d.recv())["data"] == "to d"
+        assert await a.recv() == {"type": "session:presence", "client_id": b.client_id, "online": False}
+        assert (await a.request("message:send", data="after"))["type"] == "message:ack"
 
 
 async def test_a_client_that_does_not_read_is_closed_with_1013_when_its_queue_holds_too_many_bytes(
