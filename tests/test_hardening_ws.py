@@ -12,19 +12,24 @@ from __future__ import annotations
 import base64
 import contextlib
 import functools
+import gc
 import itertools
 import logging
 import os
 import random
 import struct
 import time
+import types
 import zlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import h2.errors
+import h11
 import hpack
+import hypercorn.config
+import hypercorn.trio
 import hyperframe.frame
 import orjson
 import pytest
@@ -39,7 +44,7 @@ import hypercorn_fixes
 
 TIMEOUT = 5.0  # longest wait for any one reply from the server
 MAX_FRAMES = 1000  # frames read while waiting for a close: a bound, never reached in practice
-TEXT, CONT, CLOSE = 0x1, 0x0, 0x8
+TEXT, CONT, CLOSE, PING, PONG = 0x1, 0x0, 0x8, 0x9, 0xA
 FLOOD_SOCKETS = 60  # sockets per malformed frame in the crash test
 FLOOD_PARALLEL = 16  # below MAX_SOCKETS_IP (64)
 BOMB_INFLATED = 1000 * 2**20  # what the bomb inflates to: 1000 MiB from about 1 MiB
@@ -619,3 +624,159 @@ async def test_an_error_in_one_connection_is_logged_counted_and_contained(
         await hypercorn_fixes._tcp_run(FakeServer())
     assert scope.cancelled_caught  # Cancelled passes on, not counted
     assert len(crashes) == 1
+
+
+# --- memory per held connection: the lighter parts keep Hypercorn's behaviour ------------
+
+
+class ChannelQueue:
+    """A trio memory channel as Hypercorn used it for the app's queue: the reference for `_AppQueue`."""
+
+    def __init__(self, size: int) -> None:
+        sender, receiver = trio.open_memory_channel[int](size)
+        self.send, self.receive = sender.send, receiver.receive
+
+
+@pytest.mark.parametrize("make", [ChannelQueue, hypercorn_fixes._AppQueue])
+async def test_the_app_queue_is_a_bounded_fifo_like_a_memory_channel(make: Callable[[int], Any]) -> None:
+    queue = make(2)
+    await queue.send(1)
+    await queue.send(2)  # the buffer is full now
+    sent: list[int] = []
+
+    async def send(item: int) -> None:
+        await queue.send(item)
+        sent.append(item)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send, 3)
+        await trio.testing.wait_all_tasks_blocked()
+        assert sent == []  # waits for room
+        assert await queue.receive() == 1
+        await trio.testing.wait_all_tasks_blocked()
+        assert sent == [3]
+    assert [await queue.receive() for _ in range(2)] == [2, 3]
+
+    with trio.move_on_after(0.01) as waited:
+        await queue.receive()  # nothing queued: waits, and a cancelled wait takes nothing
+    assert waited.cancelled_caught
+    for item in (4, 5):
+        await queue.send(item)
+    with trio.move_on_after(0.01) as waited:
+        await queue.send(6)  # full: a cancelled send leaves its item out
+    assert waited.cancelled_caught
+    assert [await queue.receive() for _ in range(2)] == [4, 5]
+
+    received: list[int] = []
+
+    async def receive() -> None:
+        received.append(await queue.receive())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(receive)
+        await trio.testing.wait_all_tasks_blocked()
+        await queue.send(7)  # handed to the waiting receiver
+    assert received == [7]
+
+
+@pytest.mark.parametrize("make", [trio.Lock, hypercorn_fixes._Lock])
+async def test_the_connection_lock_hands_over_in_arrival_order(make: Callable[[], Any]) -> None:
+    lock = make()
+    order: list[str] = []
+
+    async def hold(name: str, scope: trio.CancelScope) -> None:
+        with scope:
+            async with lock:
+                order.append(name)
+
+    gives_up = trio.CancelScope()
+    assert not lock.locked()
+    async with trio.open_nursery() as nursery:
+        await lock.__aenter__()
+        assert lock.locked()
+        with pytest.raises(RuntimeError):
+            await lock.__aenter__()  # not twice by the same task
+        for name, scope in (("a", trio.CancelScope()), ("x", gives_up), ("b", trio.CancelScope())):
+            nursery.start_soon(hold, name, scope)
+            await trio.testing.wait_all_tasks_blocked()
+        gives_up.cancel()  # a waiter that gives up is skipped
+        await trio.testing.wait_all_tasks_blocked()
+        assert order == []
+        await lock.__aexit__(None, None, None)
+    assert order == ["a", "b"]
+    assert not lock.locked()
+
+
+async def test_a_held_websocket_is_two_tasks_still_pinged_and_timed_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hypercorn in this process with the fixes: a held WebSocket is its reader task and its
+    app task, with no h11 connection left after the 101; pings still come every interval,
+    and a client that answers none is dropped after the read timeout."""
+    for owner, name, _ in hypercorn_fixes.REPLACEMENTS:
+        monkeypatch.setattr(owner, name, getattr(owner, name))  # put back after this test
+    monkeypatch.setattr(hypercorn_fixes, "_settings", hypercorn_fixes._settings)
+    hypercorn_fixes.install(max_message_bytes=65536, ws_compression=False, http2_cleartext=False)
+
+    async def app(scope: dict[str, Any], receive: Callable[[], Awaitable[Any]], send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        await receive()  # websocket.connect
+        await send({"type": "websocket.accept"})
+        while (await receive())["type"] != "websocket.disconnect":
+            pass
+
+    def tasks() -> int:
+        root = trio.lowlevel.current_root_task()
+        assert root is not None
+        found, nurseries = 0, list(root.child_nurseries)
+        while nurseries:
+            for task in nurseries.pop().child_tasks:
+                found += 1
+                nurseries.extend(task.child_nurseries)
+        return found
+
+    def h11_connections() -> int:
+        return sum(isinstance(o, h11.Connection) for o in gc.get_objects())
+
+    hc = hypercorn.config.Config()
+    hc.bind = ["127.0.0.1:0"]
+    hc.websocket_ping_interval = 0.2
+    hc.read_timeout = 1
+    async with trio.open_nursery() as nursery:
+        serve = functools.partial(hypercorn.trio.serve, app, hc, mode="asgi")  # type: ignore[arg-type]
+        binds = await nursery.start(serve)
+        server = types.SimpleNamespace(port=int(binds[0].rsplit(":", 1)[1]))
+        await trio.testing.wait_all_tasks_blocked()
+        idle_tasks, idle_h11 = tasks(), h11_connections()
+        sockets = [await RawSocket.open(server) for _ in range(10)]  # type: ignore[arg-type]
+        for sock in sockets:
+            assert sock.status == 101
+            assert await sock.frame() == (PING, b"")  # at once, as Hypercorn did
+        await trio.testing.wait_all_tasks_blocked()
+        assert tasks() - idle_tasks == 2 * len(sockets) + 1  # and the run's one `_Pinger`
+        assert h11_connections() == idle_h11
+
+        silent, *answering = sockets
+        pings = [0] * len(answering)
+
+        async def answer(i: int, sock: RawSocket) -> None:
+            while (got := await sock.frame()) is not None:
+                if got[0] == PING:
+                    pings[i] += 1
+                    await sock.send(masked_frame(PONG, got[1]))
+            raise AssertionError("a socket that answers pings was dropped")
+
+        async with trio.open_nursery() as clients:
+            for i, sock in enumerate(answering):
+                clients.start_soon(answer, i, sock)
+            with trio.fail_after(3 * hc.read_timeout):
+                while await silent.frame() is not None:
+                    pass  # the pings it leaves unanswered, then the end of the stream
+            await trio.sleep(hc.read_timeout)  # the others outlive the read timeout by answering
+            clients.cancel_scope.cancel()
+        assert min(pings) >= hc.read_timeout / hc.websocket_ping_interval  # over two read timeouts: ample
+        for sock in sockets:
+            await sock.aclose()
+        nursery.cancel_scope.cancel()
