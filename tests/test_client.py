@@ -896,6 +896,7 @@ async def test_a_sigterm_drain_1012_is_followed_by_an_immediate_reconnect(
             await until_state(a, State.OPEN)
             assert trio.current_time() - closed_at < 1.5
         assert await wait_exit(first) == 0
+        await wait_until(lambda: any(t >= closed_at for t in recorder.attempts), "the client retried")
         retried_at = min(t for t in recorder.attempts if t >= closed_at)
         assert retried_at - closed_at < 1.0  # the first retry went out at once
         if second is None:  # SQLite: the same server comes back on its data
