@@ -26,7 +26,6 @@ import gc
 import ipaddress
 import logging
 import math
-import resource
 import secrets
 import socket
 import sys
@@ -485,6 +484,7 @@ async def run(config: Config, early: list[int] | None = None) -> None:
 
 
 async def _serve(config: Config, signals: AsyncIterator[int]) -> None:
+    file_limit = raise_file_limit(config)
     async with lifespan(config) as tandem:
         hypercorn_fixes.set_crash_callback(lambda exc: tandem.metrics.connection_crashes.inc())
         app = create_app(tandem)
@@ -503,7 +503,7 @@ async def _serve(config: Config, signals: AsyncIterator[int]) -> None:
                 "metrics_address": metrics_address,
                 "data_dir": str(config.data_dir),
                 "tracing": tracing.tracer.exporters if tracing.tracer is not None else "off",
-                "file_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                "file_limit": file_limit,
             }
             log.info("server.listening", extra={"fields": fields})
 
@@ -512,9 +512,14 @@ async def _serve(config: Config, signals: AsyncIterator[int]) -> None:
 FILES_BESIDE_SOCKETS = 256
 
 
-def raise_file_limit(config: Config) -> int:
+def raise_file_limit(config: Config) -> int | None:
     """Raise the open-file limit to what the system allows (each WebSocket is a
-    file); warn when it is below MAX_SOCKETS. Returns the limit in force."""
+    file); warn when it is below MAX_SOCKETS. Returns the limit in force (None:
+    a system without one, Windows)."""
+    if sys.platform == "win32":
+        return None
+    import resource  # POSIX only
+
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or hard > soft:
         wanted = hard if hard != resource.RLIM_INFINITY else max(soft, config.max_sockets + FILES_BESIDE_SOCKETS)
@@ -667,7 +672,6 @@ def main() -> int:
             send_timeout=config.send_timeout,
         )
         gc.set_threshold(50_000, 20, 20)
-        raise_file_limit(config)
         try:
             trio.run(run, config, EARLY_SIGNALS)
         except BaseException as exc:
