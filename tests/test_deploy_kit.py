@@ -52,9 +52,9 @@ DASHBOARD = GRAFANA / "tandem.json"
 OLDEST_KUBERNETES = "1.29"
 # What kustomization.yaml may use: what `rendered()` below applies, nothing it would ignore.
 KUSTOMIZE_KEYS = {"apiVersion", "kind", "namespace", "resources", "secretGenerator", "images"}
-# docs/benchmarks.md: 40.7 KiB of RSS per held connection, and an empty server's ~60 MiB.
-KIB_PER_CONNECTION = 41
-EMPTY_SERVER_MIB = 64
+# docs/benchmarks.md: 21 KiB of RSS per held connection, and an empty server's ~70 MiB.
+KIB_PER_CONNECTION = 21
+EMPTY_SERVER_MIB = 72
 PROMTOOL_MISSING = (
     "promtool is missing: it checks and unit-tests deploy/prometheus. Install Debian's package: "
     "apt-get install --no-install-recommends prometheus (./test.sh does when run as root)"
