@@ -40,6 +40,7 @@ import hypercorn.trio
 import redis
 import trio
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -116,14 +117,6 @@ class AsgiSocket:
 
     async def close(self, code: int) -> None:
         await self._send({"type": "websocket.close", "code": code})
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    """A request header's first value (ASGI header names are lower-case)."""
-    for key, value in scope["headers"]:
-        if key == name:
-            return bytes(value).decode("latin-1")
-    return None
 
 
 class Routes:
@@ -269,7 +262,8 @@ def create_app(tandem: Tandem) -> ASGIApp:
             tandem.metrics.refused(ErrorCode.UNAVAILABLE)
             await deny(_error_response(503, ErrorCode.UNAVAILABLE, "server is restarting", {"Retry-After": "1"}))
             return
-        origin = _header(scope, b"origin")
+        headers = Headers(scope=scope)
+        origin = headers.get("origin")
         if allowed and (origin is None or origin.rstrip("/").lower() not in allowed):
             tandem.metrics.refused(ErrorCode.UNAUTHORIZED)
             await deny(_error_response(403, ErrorCode.UNAUTHORIZED, "origin not allowed"))
@@ -292,7 +286,7 @@ def create_app(tandem: Tandem) -> ASGIApp:
                     await deny(too_many(connections, decision))
                     return
             identity = None
-            authorization = _header(scope, b"authorization")  # never a token in the URL
+            authorization = headers.get("authorization")  # never a token in the URL
             if tandem.services.auth is not None and authorization is not None:
                 try:
                     identity = await tandem.services.auth.verify(auth.bearer(authorization))
@@ -521,8 +515,9 @@ def raise_file_limit(config: Config) -> int | None:
     import resource  # POSIX only
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:
-        wanted = hard if hard != resource.RLIM_INFINITY else max(soft, config.max_sockets + FILES_BESIDE_SOCKETS)
+    # An unlimited hard limit (macOS) cannot be the soft one: ask for what MAX_SOCKETS needs.
+    wanted = hard if hard != resource.RLIM_INFINITY else config.max_sockets + FILES_BESIDE_SOCKETS
+    if soft != resource.RLIM_INFINITY and wanted > soft:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
             soft = wanted

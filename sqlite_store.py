@@ -13,7 +13,6 @@ import sqlite3
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TypeVar
 
@@ -95,13 +94,6 @@ CREATE UNIQUE INDEX IF NOT EXISTS messages_mid ON messages (code, sender, mid) W
 """
 
 
-@dataclass(frozen=True, slots=True)
-class Checked:
-    """An op that raises a ClientError only before its first write: it runs without a savepoint."""
-
-    run: Callable[[sqlite3.Connection, list[Event]], object]
-
-
 class SqliteStore(SessionStore):
     """The embedded store: one SQLite file (WAL), one writer, group commit."""
 
@@ -164,23 +156,11 @@ class SqliteStore(SessionStore):
                 await trio.to_thread.run_sync(db.close)
 
     def _execute(self, batch: list[Op]) -> None:
-        """In the worker thread: run every op of the batch in one transaction.
-
-        An op fails alone: its writes are undone to its savepoint. A `Checked`
-        op (an append) needs none, so it costs two statements less: it fails
-        for the client only before it writes, and any other failure of it
-        fails the whole batch.
-        """
+        """In the worker thread: run every op of the batch in one transaction."""
         db = self._db
         try:
             db.execute("BEGIN IMMEDIATE")
             for op in batch:
-                if isinstance(op.payload, Checked):
-                    try:
-                        op.result = op.payload.run(db, op.events)
-                    except ClientError as exc:
-                        op.error = exc
-                    continue
                 db.execute("SAVEPOINT op")
                 try:
                     op.result = op.payload(db, op.events)
@@ -196,13 +176,11 @@ class SqliteStore(SessionStore):
             for op in batch:
                 op.events.clear()
                 op.error = ServerError(f"session store failed: {exc}", ErrorCode.UNAVAILABLE, retry_after=1.0)
-        except BaseException:  # a bug in a Checked op: nothing of the batch is kept (GroupCommit fails it)
-            if db.in_transaction:
-                db.rollback()
-            raise
 
-    async def _call(self, run: Callable[[sqlite3.Connection, list[Event]], T]) -> T:
-        result: T = await self.writer.call(run)
+    async def _call(
+        self, run: Callable[[sqlite3.Connection, list[Event]], T], then: Callable[[T], None] | None = None
+    ) -> T:
+        result: T = await self.writer.call(run, then)
         return result
 
     # -- operations (each runs in the writer thread, inside the batch) --
@@ -378,7 +356,7 @@ class SqliteStore(SessionStore):
             events.append(MessageStored(code, StoredMessage(seq, client_id, data, now, mid)))
             return Appended(seq, duplicate=False)
 
-        appended: Appended = await self.writer.call(Checked(run), acked)
+        appended = await self._call(run, acked)
         if appended.duplicate:  # nothing new: it costs no message budget
             self.limiter.refund_all(limits, stamp)
         return appended
